@@ -1,0 +1,55 @@
+# cityops — the commands a user needs. `make up`, `make test`, `make bench`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install stack-up stack-down stack-status migrate test test-unit test-integration lint up down bench bench-quick schemas
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+stack-up: install
+	$(BIN)/cityops stack up
+
+stack-down: install
+	$(BIN)/cityops stack down
+
+stack-status: install
+	$(BIN)/cityops stack status
+
+migrate: stack-up
+	$(BIN)/cityops stack env >/dev/null && set -a && source .stack/cityops.env && set +a && $(BIN)/cityops migrate
+
+test: install stack-up migrate
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-unit: install
+	$(BIN)/pytest -q tests/unit
+
+lint: install
+	$(BIN)/ruff check services tests
+	$(BIN)/ruff format --check services tests
+	$(BIN)/mypy services tests
+
+schemas: install
+	$(BIN)/python -m cityops.common.schemas docs/schemas
+
+up: install stack-up migrate
+	$(BIN)/cityops stack services up
+
+down: install
+	-$(BIN)/cityops stack services down
+	$(BIN)/cityops stack down
+
+bench: install stack-up migrate
+	$(BIN)/cityops bench --out docs/benchmarks.md
+
+bench-quick: install stack-up migrate
+	$(BIN)/cityops bench --quick --out /tmp/cityops-bench-quick.md

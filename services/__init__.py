@@ -1,0 +1,1 @@
+"""cityops: live city street-furniture management."""
