@@ -36,7 +36,7 @@ test-unit: install
 lint: install
 	$(BIN)/ruff check services tests
 	$(BIN)/ruff format --check services tests
-	$(BIN)/mypy services tests
+	$(BIN)/mypy .typecheck/cityops tests
 
 schemas: install
 	$(BIN)/python -m cityops.common.schemas docs/schemas

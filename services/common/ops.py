@@ -1,0 +1,85 @@
+"""The operations endpoint of a worker: /metrics, /healthz and /readyz on one small HTTP port.
+
+A worker passes its own Prometheus registry and a readiness callback that reports each
+dependency; /readyz answers 200 only when all of them are ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+
+Readiness = Callable[[], Mapping[str, bool]]
+_MAX_REQUEST_LINE = 4096
+
+
+def _response(status: str, content_type: str, body: bytes) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def render(path: str, registry: CollectorRegistry, readiness: Readiness) -> bytes:
+    """The HTTP response for a GET of `path`."""
+    if path == "/metrics":
+        return _response("200 OK", CONTENT_TYPE_LATEST, generate_latest(registry))
+    if path == "/healthz":
+        return _response("200 OK", "application/json", b'{"status":"ok"}')
+    if path == "/readyz":
+        checks = dict(readiness())
+        ready = all(checks.values())
+        body = orjson.dumps({"ready": ready, "checks": checks})
+        status = "200 OK" if ready else "503 Service Unavailable"
+        return _response(status, "application/json", body)
+    return _response("404 Not Found", "application/json", b'{"error":"not found"}')
+
+
+@contextlib.asynccontextmanager
+async def serve_ops(
+    *, host: str, port: int, registry: CollectorRegistry, readiness: Readiness
+) -> AsyncIterator[asyncio.Server]:
+    """Serve /metrics, /healthz, /readyz until the context exits."""
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=5)
+            parts = line[:_MAX_REQUEST_LINE].decode("latin-1").split()
+            if len(parts) >= 2 and parts[0] in {"GET", "HEAD"}:
+                payload = render(parts[1].split("?", 1)[0], registry, readiness)
+            else:
+                payload = _response("405 Method Not Allowed", "text/plain", b"GET only\n")
+            writer.write(payload)
+            await writer.drain()
+        except (TimeoutError, ConnectionError) as exc:
+            log.debug("ops request failed: %s", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(on_client, host, port)
+    bound = server.sockets[0].getsockname()
+    log.info("serving /metrics /healthz /readyz", extra={"host": bound[0], "port": bound[1]})
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """Set `stop` on SIGTERM or SIGINT (call from inside the running loop)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
