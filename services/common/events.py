@@ -10,9 +10,10 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+
 from cityops.common.kinds import Kind
 from cityops.common.topics import DEVICE_ID_PATTERN
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
 MAX_PAYLOAD_BYTES = 4096
 

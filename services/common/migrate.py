@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
+
 from cityops.common.logs import configure_logging
 from cityops.common.settings import DatabaseSettings
 

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+
 from cityops.common.kinds import Kind
 
 # How often each kind reports when the registry says nothing else; offline = 3x this.

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from cityops.common.events import (
     ManholeReading,
     ParkingReading,
@@ -16,7 +18,6 @@ from cityops.common.events import (
     StreetlightReading,
     WastebinReading,
 )
-from pydantic import TypeAdapter
 
 
 def contract_schemas() -> dict[str, dict[str, Any]]:

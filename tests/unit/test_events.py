@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 import pytest
+from pydantic import ValidationError
+
 from cityops.common.events import (
     StatusEvent,
     decode_status,
@@ -16,7 +18,6 @@ from cityops.common.events import (
     parse_reading,
 )
 from cityops.common.kinds import Kind
-from pydantic import ValidationError
 
 BASE: dict[str, Any] = {"ts": "2026-11-26T08:15:00Z", "seq": 311}
 VALID: dict[str, dict[str, Any]] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cityops.common.kinds import Kind
 from cityops.common.topics import (
     Channel,
