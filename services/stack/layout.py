@@ -1,0 +1,68 @@
+"""Where the native stack keeps its files, and the error every stack step raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cityops
+
+
+class StackError(Exception):
+    """A problem the user must fix; `cityops stack` prints it as one line and exits 1."""
+
+
+def repo_root() -> Path:
+    """The checkout: `services/` is the `cityops` package, its parent holds `deploy/`, `.stack/`."""
+    return Path(cityops.__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class StackPaths:
+    """Every path the stack reads or writes; all data lives under `<repo>/.stack`."""
+
+    repo: Path
+
+    @property
+    def root(self) -> Path:
+        """`.stack/`: all data, git-ignored."""
+        return self.repo / ".stack"
+
+    @property
+    def deploy(self) -> Path:
+        """Checked-in templates and configuration."""
+        return self.repo / "deploy"
+
+    @property
+    def run(self) -> Path:
+        """Pid files."""
+        return self.root / "run"
+
+    @property
+    def logs(self) -> Path:
+        """stdout/stderr of every server."""
+        return self.root / "logs"
+
+    @property
+    def secrets_file(self) -> Path:
+        """Generated passwords, mode 0600."""
+        return self.root / "secrets.env"
+
+    @property
+    def env_file(self) -> Path:
+        """`CITYOPS_*` settings for services and tests, sourceable by bash, mode 0600."""
+        return self.root / "cityops.env"
+
+    def pid_file(self, name: str) -> Path:
+        """The pid file of server `name`."""
+        return self.run / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        """The stdout/stderr log of server `name`."""
+        return self.logs / f"{name}.log"
+
+    def ensure(self) -> None:
+        """Create `.stack/`, `run/` and `logs/` (world-traversable: servers drop privileges)."""
+        for directory in (self.root, self.run, self.logs):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)
