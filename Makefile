@@ -24,11 +24,15 @@ stack-down: install
 stack-status: install
 	$(BIN)/cityops stack status
 
+# `cityops stack env` prints the path of the CITYOPS_* settings file `stack up` wrote.
 migrate: stack-up
-	$(BIN)/cityops stack env >/dev/null && set -a && source .stack/cityops.env && set +a && $(BIN)/cityops migrate
+	set -a && source "$$($(BIN)/cityops stack env)" && set +a && $(BIN)/cityops migrate
 
 test: install stack-up migrate
-	$(BIN)/pytest -q -p no:cacheprovider
+	set -a && source "$$($(BIN)/cityops stack env)" && set +a && $(BIN)/pytest -q -p no:cacheprovider
+
+test-integration: install stack-up migrate
+	set -a && source "$$($(BIN)/cityops stack env)" && set +a && $(BIN)/pytest -q -p no:cacheprovider tests/integration
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit
