@@ -6,6 +6,8 @@ import hashlib
 import shutil
 from pathlib import Path
 
+from cityops.common.kafka import ensure_topics
+from cityops.common.settings import KafkaSettings
 from cityops.stack.layout import StackError, StackPaths
 from cityops.stack.procs import ServerSpec, run_command, write_if_changed
 
@@ -225,4 +227,21 @@ def spec(paths: StackPaths) -> ServerSpec:
         ports=(PORT, CONTROLLER_PORT),
         cwd=layout.home,
         stop_timeout_s=60.0,
+    )
+
+
+async def ensure_default_topics() -> list[str]:
+    """Create the A4 topics (names from CITYOPS_TOPIC_* or their defaults); returns new ones."""
+    settings = KafkaSettings(kafka_bootstrap=BOOTSTRAP)
+    names = [
+        settings.topic_telemetry,
+        settings.topic_status,
+        settings.topic_deadletter,
+        settings.topic_tickets,
+        settings.topic_devices,
+    ]
+    return await ensure_topics(
+        BOOTSTRAP,
+        topics=dict.fromkeys(names, settings.topic_partitions),
+        compacted={settings.topic_devices},
     )

@@ -88,15 +88,19 @@ def _free_port(spec: ServerSpec, port: int) -> None:
     if not owners:
         return
     commands = " ".join(owner_of(pid) for pid in owners)
+    stopped_debian_service = False
     if spec.name == "postgres" and "/var/lib/postgresql" in commands + _debian_pg_hint():
         print("stack: stopping Debian's PostgreSQL cluster on port 5432", flush=True)
         packages.stop_debian_postgres()
+        stopped_debian_service = True
     elif spec.name in packages.DEBIAN_SERVICES and _debian_service_running(spec.name):
         print(f"stack: stopping and disabling Debian's {spec.name} service", flush=True)
         packages.stop_debian_service(spec.name, disable=True)
-    deadline = time.monotonic() + PORT_FREE_TIMEOUT_S
-    while listening_pids(port) and time.monotonic() < deadline:
-        time.sleep(0.2)
+        stopped_debian_service = True
+    if stopped_debian_service:
+        deadline = time.monotonic() + PORT_FREE_TIMEOUT_S
+        while listening_pids(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
     still = listening_pids(port)
     if still:
         raise StackError(
@@ -227,25 +231,28 @@ def cmd_up(paths: StackPaths) -> int:
     changed["mosquitto"], credentials_changed = mosquitto.prepare(paths, stack_secrets)
 
     specs = server_specs(paths)
-    started: dict[str, subprocess.Popen[bytes]] = {}
+    to_start = [name for name in SERVERS if running_pid(paths, specs[name]) is None]
     for name in SERVERS:
-        spec = specs[name]
-        pid = running_pid(paths, spec)
-        if pid is not None:
-            if changed[name]:
-                print(
-                    f"stack: {name} config changed; restart it to apply "
-                    "(`cityops stack down && cityops stack up`)",
-                    flush=True,
-                )
-            if name == "mosquitto" and credentials_changed:
-                mosquitto.reload(paths)
+        if name in to_start:
             continue
-        for port in spec.ports:
-            _free_port(spec, port)
-        started[name] = start(paths, spec)
+        if changed[name]:
+            print(
+                f"stack: {name} config changed; restart it to apply "
+                "(`cityops stack down && cityops stack up`)",
+                flush=True,
+            )
+        if name == "mosquitto" and credentials_changed:
+            mosquitto.reload(paths)
+    # every port is checked before anything starts: a conflict leaves nothing half-started
+    for name in to_start:
+        for port in specs[name].ports:
+            _free_port(specs[name], port)
+    started = {name: start(paths, specs[name]) for name in to_start}
 
     waited = asyncio.run(_wait_all(paths, stack_secrets, specs, started))
+    created = asyncio.run(kafka.ensure_default_topics())
+    if created:
+        print(f"stack: created Kafka topics {', '.join(created)}", flush=True)
     write_env(paths, stack_secrets)
 
     width = max(len(name) for name in endpoints(paths))
