@@ -1,0 +1,197 @@
+"""`cityops ingest`: MQTT -> validate -> Kafka, acknowledging each message only once Kafka has it.
+
+Lifecycle: load the device registry, connect the Kafka producer, then connect to MQTT and start
+reading. SIGTERM/SIGINT stops reading, finishes what was received (bounded by
+CITYOPS_SHUTDOWN_TIMEOUT_S), sends the remaining PUBACKs, disconnects, and logs one summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry
+
+from cityops.common.kafka import ensure_topics
+from cityops.common.logs import configure_logging
+from cityops.common.ops import serve_ops, stop_on_signals
+from cityops.ingest.kafka_sink import KafkaSink
+from cityops.ingest.metrics import IngestMetrics
+from cityops.ingest.mqtt_source import MqttSource
+from cityops.ingest.pipeline import Pipeline, PipelineStats
+from cityops.ingest.ratelimit import TokenBuckets
+from cityops.ingest.registry_cache import RegistryCache, keep_fresh
+from cityops.ingest.settings import IngestSettings
+from cityops.ingest.validate import OutputTopics, Validator
+
+log = logging.getLogger(__name__)
+
+
+async def run(settings: IngestSettings, *, stop: asyncio.Event | None = None) -> PipelineStats:
+    """Run the service until `stop` is set (or SIGTERM/SIGINT when `stop` is not given)."""
+    if stop is None:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+    started = time.monotonic()
+    registry = CollectorRegistry()
+    metrics = IngestMetrics.create(registry)
+    cache = RegistryCache()
+    topics = OutputTopics(
+        telemetry=settings.topic_telemetry,
+        status=settings.topic_status,
+        deadletter=settings.topic_deadletter,
+    )
+    validator = Validator(
+        registry=cache,
+        telemetry_limiter=TokenBuckets(
+            rate_per_s=settings.ingest_rate_per_s, burst=settings.ingest_rate_burst
+        ),
+        status_limiter=TokenBuckets(
+            rate_per_s=settings.ingest_rate_per_s, burst=settings.ingest_rate_burst
+        ),
+        ingest_id=settings.instance_id,
+        topics=topics,
+        max_payload_bytes=settings.ingest_max_payload_bytes,
+        clock_skew_s=settings.ingest_clock_skew_s,
+    )
+    sink = KafkaSink(
+        bootstrap=settings.kafka_bootstrap,
+        client_id=f"ingest-{settings.instance_id}",
+        linger_ms=settings.ingest_kafka_linger_ms,
+        compression=settings.ingest_kafka_compression,
+        max_batch_bytes=settings.ingest_kafka_max_batch_bytes,
+        request_timeout_ms=settings.ingest_kafka_request_timeout_ms,
+    )
+    pipeline = Pipeline(
+        validator=validator,
+        sink=sink,
+        metrics=metrics,
+        ingest_id=settings.instance_id,
+        max_in_flight=settings.ingest_max_in_flight,
+    )
+
+    def on_connection_change(connected: bool) -> None:
+        metrics.mqtt_connected.set(1 if connected else 0)
+        if not connected:
+            metrics.mqtt_reconnects.inc()
+
+    source = MqttSource(
+        host=settings.mqtt_host,
+        port=settings.mqtt_port,
+        username=settings.ingest_mqtt_username,
+        password=settings.ingest_mqtt_password.get_secret_value(),
+        client_id=settings.ingest_client_id,
+        share_group=settings.ingest_share_group,
+        protocol=settings.ingest_mqtt_protocol,
+        receive_maximum=settings.ingest_max_in_flight,
+        session_expiry_s=settings.ingest_session_expiry_s,
+        keepalive_s=settings.ingest_keepalive_s,
+        on_messages=pipeline.submit,
+        on_connection_change=on_connection_change,
+    )
+    pipeline.bind(source)
+
+    def readiness() -> Mapping[str, bool]:
+        metrics.registry_devices.set(len(cache))
+        return {
+            "registry": cache.loaded.is_set(),
+            "kafka": sink.started and pipeline.oldest_pending_age() < settings.ingest_kafka_stall_s,
+            "mqtt": source.subscribed,
+        }
+
+    async with (
+        serve_ops(
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+            registry=registry,
+            readiness=readiness,
+        ),
+        asyncio.TaskGroup() as tasks,
+    ):
+        tasks.create_task(
+            keep_fresh(
+                cache,
+                database_url=settings.database_url.get_secret_value(),
+                refresh_s=settings.ingest_registry_refresh_s,
+                full_reload_s=settings.ingest_registry_full_reload_s,
+                stop=stop,
+            )
+        )
+        # Reading before the registry is loaded would dead-letter every device as unknown.
+        if await _first(cache.loaded, stop) and await sink.start(stop):
+            await _ensure_output_topics(settings, topics)
+            pipeline_task = tasks.create_task(pipeline.run())
+            source_task = tasks.create_task(source.run(stop))
+            log.info(
+                "ingest running",
+                extra={
+                    "client_id": settings.ingest_client_id,
+                    "share_group": settings.ingest_share_group,
+                    "protocol": settings.ingest_mqtt_protocol,
+                    "devices": len(cache),
+                },
+            )
+            await stop.wait()
+            source.pause()
+            drained = await pipeline.close(within_s=settings.shutdown_timeout_s)
+            await source.close()
+            await source_task
+            if not drained:
+                pipeline_task.cancel()
+            await sink.stop()
+        else:
+            drained = True
+        stop.set()
+    stats = pipeline.stats
+    log.info(
+        "ingest stopped",
+        extra={
+            "received": stats.received,
+            "accepted": stats.accepted,
+            "rejected": stats.rejected,
+            "acked": stats.acked,
+            "delivery_failures": stats.delivery_failures,
+            "drained": drained,
+            "uptime_s": round(time.monotonic() - started, 1),
+        },
+    )
+    return stats
+
+
+async def _first(ready: asyncio.Event, stop: asyncio.Event) -> bool:
+    """Wait for `ready` or `stop`; True if `ready` came first."""
+    waiters = {asyncio.ensure_future(ready.wait()), asyncio.ensure_future(stop.wait())}
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    return ready.is_set() and not stop.is_set()
+
+
+async def _ensure_output_topics(settings: IngestSettings, topics: OutputTopics) -> None:
+    """Create the output topics if missing (a no-op when deployment created them)."""
+    with contextlib.suppress(Exception):  # best effort: the producer's metadata wait reports it
+        await ensure_topics(
+            settings.kafka_bootstrap,
+            topics=dict.fromkeys(
+                (topics.telemetry, topics.status, topics.deadletter), settings.topic_partitions
+            ),
+        )
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `cityops ingest`."""
+    parser = argparse.ArgumentParser(prog="cityops ingest", description=__doc__)
+    parser.parse_args(argv)
+    settings = IngestSettings()  # fields come from the environment
+    configure_logging(
+        service="ingest",
+        instance_id=settings.instance_id,
+        level=settings.log_level,
+        fmt=settings.log_format,
+    )
+    asyncio.run(run(settings))
+    return 0

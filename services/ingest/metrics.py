@@ -1,0 +1,93 @@
+"""Prometheus metrics of the ingest service, on a registry passed in (never the global one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestMetrics:
+    """Every series ingest exports; labels come from small fixed sets (kind, channel, reason)."""
+
+    received: Counter
+    accepted: Counter
+    rejected: Counter
+    acked: Counter
+    produce_latency: Histogram
+    sensor_lag: Histogram
+    in_flight: Gauge
+    kafka_errors: Counter
+    mqtt_connected: Gauge
+    mqtt_reconnects: Counter
+    registry_devices: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> IngestMetrics:
+        """Register the series on `registry`."""
+        return cls(
+            received=Counter(
+                "cityops_ingest_received_messages_total",
+                "MQTT messages received, by kind and channel (kind 'unknown' for bad topics).",
+                ["kind", "channel"],
+                registry=registry,
+            ),
+            accepted=Counter(
+                "cityops_ingest_accepted_messages_total",
+                "Messages validated and produced to the telemetry or status topic.",
+                ["kind", "channel"],
+                registry=registry,
+            ),
+            rejected=Counter(
+                "cityops_ingest_rejected_messages_total",
+                "Messages dead-lettered, by A5 reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            acked=Counter(
+                "cityops_ingest_acked_messages_total",
+                "PUBACKs sent after Kafka acknowledged the record.",
+                registry=registry,
+            ),
+            produce_latency=Histogram(
+                "cityops_ingest_produce_latency_seconds",
+                "From receiving a message to Kafka acknowledging its record.",
+                buckets=_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            sensor_lag=Histogram(
+                "cityops_ingest_sensor_lag_seconds",
+                "From the sensor's ts to ingest receiving the reading.",
+                buckets=_LAG_BUCKETS,
+                registry=registry,
+            ),
+            in_flight=Gauge(
+                "cityops_ingest_in_flight_messages",
+                "Messages received and not yet acknowledged to the broker.",
+                registry=registry,
+            ),
+            kafka_errors=Counter(
+                "cityops_ingest_kafka_errors_total",
+                "Failed Kafka deliveries (each is retried; nothing is acked before success).",
+                registry=registry,
+            ),
+            mqtt_connected=Gauge(
+                "cityops_ingest_mqtt_connected",
+                "1 while connected to the MQTT broker.",
+                registry=registry,
+            ),
+            mqtt_reconnects=Counter(
+                "cityops_ingest_mqtt_reconnects_total",
+                "MQTT connection losses.",
+                registry=registry,
+            ),
+            registry_devices=Gauge(
+                "cityops_ingest_registry_devices",
+                "Enabled devices in the in-memory registry cache.",
+                registry=registry,
+            ),
+        )

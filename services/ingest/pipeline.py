@@ -1,0 +1,303 @@
+"""The ingest loop: receive -> validate -> produce -> PUBACK in receive order once Kafka has it.
+
+A message is acknowledged to the broker only after Kafka acknowledged the record made from it
+(the reading, the status event, or its dead-letter record), and acknowledgements leave in the
+order messages arrived. A failed delivery is retried in place and holds back every later ack,
+so a Kafka outage stops acks, the in-flight window fills, reading from MQTT pauses and memory
+stays bounded; the broker keeps everything else in the persistent session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from cityops.common.kinds import RejectReason
+from cityops.ingest.metrics import IngestMetrics
+from cityops.ingest.mqtt_source import Inbound
+from cityops.ingest.validate import Accepted, Rejected, Validator, clip, deadletter_headers
+
+log = logging.getLogger(__name__)
+
+_MAX_RETRY_DELAY_S = 5.0
+
+
+class Source(Protocol):
+    """What the pipeline needs from the MQTT side."""
+
+    def ack(self, mid: int, generation: int) -> None:
+        """Queue a PUBACK."""
+
+    def pause(self) -> None:
+        """Stop reading."""
+
+    def resume(self) -> None:
+        """Read again."""
+
+
+class Sink(Protocol):
+    """What the pipeline needs from the Kafka side."""
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Queue a record; the future resolves when Kafka has it."""
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    mid: int
+    generation: int
+    received_mono: float
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Sequence[tuple[str, bytes]] | None
+    future: asyncio.Future[Any] | None = None
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    """Counters for the shutdown summary and the benchmark."""
+
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    acked: int = 0
+    delivery_failures: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Owns the in-flight window between the MQTT source and the Kafka sink."""
+
+    def __init__(
+        self,
+        *,
+        validator: Validator,
+        sink: Sink,
+        metrics: IngestMetrics,
+        ingest_id: str,
+        max_in_flight: int,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._validator = validator
+        self._sink = sink
+        self._metrics = metrics
+        self._ingest_id = ingest_id
+        self._max_in_flight = max_in_flight
+        self._resume_below = max(1, max_in_flight // 2)
+        self._clock = clock
+        self._source: Source | None = None
+        self._queue: deque[tuple[list[Inbound], datetime, float]] = deque()
+        self._queued = 0
+        self._pending: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._paused = False
+        self._retry_tasks: set[asyncio.Task[None]] = set()
+        self.stats = PipelineStats()
+        self.last_delivery_error: float | None = None
+        self._last_error_log = 0.0
+        self.last_delivery_ok: float | None = None
+
+    def bind(self, source: Source) -> None:
+        """Attach the MQTT source that receives acks and flow control."""
+        self._source = source
+
+    # ---- input (called from the source on the event loop) --------------------------------
+
+    def submit(self, batch: list[Inbound]) -> None:
+        """Take a batch of received messages."""
+        self._queue.append((batch, self._clock(), time.monotonic()))
+        self._queued += len(batch)
+        self._idle.clear()
+        self._wake.set()
+        if self.in_flight >= self._max_in_flight:
+            self._pause()
+
+    @property
+    def in_flight(self) -> int:
+        """Received and not yet acknowledged."""
+        return self._queued + len(self._pending)
+
+    def oldest_pending_age(self) -> float:
+        """Seconds the oldest unacknowledged message has waited (0 when none)."""
+        if self._pending:
+            return time.monotonic() - self._pending[0].received_mono
+        if self._queue:
+            return time.monotonic() - self._queue[0][2]
+        return 0.0
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Validate and produce until close() and the queue is empty."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, received_at, received_mono = self._queue.popleft()
+                for inbound in batch:
+                    self._queued -= 1
+                    await self._process(inbound, received_at, received_mono)
+            self._metrics.in_flight.set(self.in_flight)
+            if not self._pending:
+                self._idle.set()
+            if self._closing and not self._queue:
+                return
+
+    async def close(self, *, within_s: float) -> bool:
+        """Finish what was received, wait for Kafka and the acks up to `within_s`; True if all."""
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=within_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _process(self, inbound: Inbound, received_at: datetime, received_mono: float) -> None:
+        stats = self.stats
+        stats.received += 1
+        try:
+            mqtt_topic = inbound.topic.decode()
+        except UnicodeDecodeError:
+            mqtt_topic = inbound.topic.decode(errors="replace")
+            result: Accepted | Rejected = Rejected(
+                RejectReason.TOPIC, clip(f"topic is not UTF-8: {inbound.topic!r}"), None
+            )
+        else:
+            result = self._validator.validate(mqtt_topic, inbound.payload, received_at)
+        metrics = self._metrics
+        if isinstance(result, Accepted):
+            stats.accepted += 1
+            kind, channel = result.kind.value, result.channel.value
+            metrics.received.labels(kind, channel).inc()
+            metrics.accepted.labels(kind, channel).inc()
+            if result.measured_at is not None:
+                metrics.sensor_lag.observe((received_at - result.measured_at).total_seconds())
+            entry = _Pending(
+                inbound.mid,
+                inbound.generation,
+                received_mono,
+                result.topic,
+                result.key,
+                result.value,
+                None,
+            )
+        else:
+            stats.rejected += 1
+            reason = result.reason.value
+            stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
+            metrics.received.labels(
+                result.kind.value if result.kind else "unknown",
+                result.channel.value if result.channel else "unknown",
+            ).inc()
+            metrics.rejected.labels(reason).inc()
+            headers = deadletter_headers(
+                result, mqtt_topic=mqtt_topic, received_at=received_at, ingest_id=self._ingest_id
+            )
+            entry = _Pending(
+                inbound.mid,
+                inbound.generation,
+                received_mono,
+                self._validator.topics.deadletter,
+                result.key,
+                inbound.payload,  # the original bytes, untouched
+                headers,
+            )
+        self._pending.append(entry)
+        await self._send(entry)
+
+    async def _send(self, entry: _Pending) -> None:
+        try:
+            future = await self._sink.send(entry.topic, entry.key, entry.value, entry.headers)
+        except Exception as exc:  # any producer error means "retry later", never drop
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            future = failed
+        entry.future = future
+        future.add_done_callback(lambda done: self._on_delivered(entry, done))
+
+    # ---- delivery and acks ---------------------------------------------------------------
+
+    def _on_delivered(self, entry: _Pending, future: asyncio.Future[Any]) -> None:
+        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if exc is not None:
+            self._retry(entry, exc)
+            return
+        pending = self._pending
+        source = self._source
+        now = time.monotonic()
+        acked = 0
+        while pending:
+            head = pending[0]
+            done = head.future
+            # A failed head has future None until its retry is sent: it holds back later acks.
+            if done is None or not done.done() or done.cancelled() or done.exception():
+                break
+            pending.popleft()
+            if source is not None:
+                source.ack(head.mid, head.generation)
+            self._metrics.produce_latency.observe(now - head.received_mono)
+            acked += 1
+        if acked:
+            self.stats.acked += acked
+            self.last_delivery_ok = now
+            self._metrics.acked.inc(acked)
+            self._metrics.in_flight.set(self.in_flight)
+            if self._paused and self.in_flight <= self._resume_below:
+                self._resume()
+        if not pending and not self._queue:
+            self._idle.set()
+
+    def _retry(self, entry: _Pending, exc: BaseException) -> None:
+        entry.future = None
+        entry.attempts += 1
+        self.stats.delivery_failures += 1
+        self.last_delivery_error = time.monotonic()
+        self._metrics.kafka_errors.inc()
+        delay = min(0.2 * 2 ** min(entry.attempts, 10), _MAX_RETRY_DELAY_S)
+        now = time.monotonic()
+        if now - self._last_error_log >= 1.0:  # one line a second, not one per record
+            self._last_error_log = now
+            log.warning(
+                "kafka delivery failed, retrying: %s",
+                exc,
+                extra={
+                    "topic": entry.topic,
+                    "attempt": entry.attempts,
+                    "in_flight": self.in_flight,
+                },
+            )
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay, self._start_resend, entry)
+
+    def _start_resend(self, entry: _Pending) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(entry))
+        self._retry_tasks.add(task)
+        task.add_done_callback(self._retry_tasks.discard)
+
+    def _pause(self) -> None:
+        if not self._paused and self._source is not None:
+            self._paused = True
+            self._source.pause()
+
+    def _resume(self) -> None:
+        if self._paused and self._source is not None and not self._closing:
+            self._paused = False
+            self._source.resume()

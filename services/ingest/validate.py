@@ -1,0 +1,247 @@
+"""The pure validation pipeline of A5: MQTT topic and payload bytes in, a Kafka record out.
+
+size -> topic -> JSON -> schema -> topic/payload identity -> registry -> clock skew -> rate limit.
+No I/O: the registry is a read-only view and the rate limiter is passed in, time is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from pydantic import ValidationError
+
+from cityops.common.events import (
+    STATUS_ADAPTER,
+    StatusEvent,
+    encode_status,
+    encode_telemetry,
+    parse_reading,
+)
+from cityops.common.kinds import Kind, RejectReason
+from cityops.common.topics import (
+    Channel,
+    DeviceTopic,
+    TopicError,
+    is_valid_device_id,
+    parse_topic,
+)
+from cityops.ingest.ratelimit import TokenBuckets
+
+MAX_DETAIL_CHARS = 400
+MAX_TOPIC_HEADER_BYTES = 1024
+
+
+class RegistryView(Protocol):
+    """What validation needs from the device registry."""
+
+    def kind_of(self, device_id: str) -> Kind | None:
+        """The registered kind of an enabled device, or None if unknown or disabled."""
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A valid message and the Kafka record made from it."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    kind: Kind
+    channel: Channel
+    measured_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A refused message: why, and the dead-letter key (the topic's device id when parseable)."""
+
+    reason: RejectReason
+    detail: str
+    key: bytes | None
+    kind: Kind | None = None
+    channel: Channel | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTopics:
+    """Kafka topic names (A4)."""
+
+    telemetry: str = "city.telemetry.v1"
+    status: str = "city.status.v1"
+    deadletter: str = "city.deadletter.v1"
+
+
+def _schema_detail(exc: ValidationError) -> str:
+    parts: list[str] = []
+    for error in exc.errors(include_url=False, include_input=False)[:3]:
+        where = ".".join(str(p) for p in error["loc"]) or "payload"
+        parts.append(f"{where}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def _is_json_error(exc: ValidationError) -> bool:
+    return any(error["type"] == "json_invalid" for error in exc.errors(include_url=False))
+
+
+def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """Bound a free-text detail so a hostile payload cannot inflate a header."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Validator:
+    """Turns one MQTT message into an Accepted record or a Rejected reason."""
+
+    def __init__(
+        self,
+        *,
+        registry: RegistryView,
+        telemetry_limiter: TokenBuckets,
+        status_limiter: TokenBuckets,
+        ingest_id: str,
+        topics: OutputTopics = OutputTopics(),
+        max_payload_bytes: int = 4096,
+        clock_skew_s: float = 300.0,
+    ) -> None:
+        self._registry = registry
+        self._telemetry_limiter = telemetry_limiter
+        self._status_limiter = status_limiter
+        self._ingest_id = ingest_id
+        self._topics = topics
+        self._max_payload_bytes = max_payload_bytes
+        self._skew = timedelta(seconds=clock_skew_s)
+
+    @property
+    def topics(self) -> OutputTopics:
+        """Where accepted and rejected records go."""
+        return self._topics
+
+    def validate(self, mqtt_topic: str, payload: bytes, now: datetime) -> Accepted | Rejected:
+        """Run every check in order; the first failure decides the reason."""
+        try:
+            where = parse_topic(mqtt_topic)
+        except TopicError as exc:
+            key = _device_id_guess(mqtt_topic)
+            if len(payload) > self._max_payload_bytes:
+                return Rejected(RejectReason.TOO_LARGE, self._too_large(payload), key)
+            return Rejected(RejectReason.TOPIC, clip(str(exc)), key)
+        key = where.device_id.encode()
+        if len(payload) > self._max_payload_bytes:
+            return Rejected(
+                RejectReason.TOO_LARGE, self._too_large(payload), key, where.kind, where.channel
+            )
+        if where.channel is Channel.TELEMETRY:
+            return self._telemetry(where, key, payload, now)
+        return self._status(where, key, payload, now)
+
+    def _too_large(self, payload: bytes) -> str:
+        return f"payload is {len(payload)} bytes; the limit is {self._max_payload_bytes}"
+
+    def _telemetry(
+        self, where: DeviceTopic, key: bytes, payload: bytes, now: datetime
+    ) -> Accepted | Rejected:
+        def reject(reason: RejectReason, detail: str) -> Rejected:
+            return Rejected(reason, clip(detail), key, where.kind, where.channel)
+
+        try:
+            reading = parse_reading(payload)
+        except ValidationError as exc:
+            if _is_json_error(exc):
+                return reject(RejectReason.NOT_JSON, f"not JSON: {exc.errors()[0]['msg']}")
+            return reject(RejectReason.SCHEMA, _schema_detail(exc))
+        if reading.device_id != where.device_id:
+            return reject(
+                RejectReason.ID_MISMATCH,
+                f"payload device_id {reading.device_id!r} differs from topic device "
+                f"{where.device_id!r}",
+            )
+        if reading.kind != where.kind:
+            return reject(
+                RejectReason.ID_MISMATCH,
+                f"payload kind {reading.kind!r} differs from topic kind {where.kind.value!r}",
+            )
+        refused = self._registered(where)
+        if refused is not None:
+            return reject(RejectReason.UNKNOWN_DEVICE, refused)
+        if reading.ts - now > self._skew:
+            return reject(RejectReason.CLOCK_SKEW, self._skew_detail(reading.ts, now))
+        if not self._telemetry_limiter.allow(where.device_id, reading.ts.timestamp()):
+            return reject(RejectReason.RATE_LIMITED, "device exceeded its reading rate budget")
+        value = encode_telemetry(reading, received_at=now, ingest_id=self._ingest_id)
+        return Accepted(self._topics.telemetry, key, value, where.kind, where.channel, reading.ts)
+
+    def _status(
+        self, where: DeviceTopic, key: bytes, payload: bytes, now: datetime
+    ) -> Accepted | Rejected:
+        def reject(reason: RejectReason, detail: str) -> Rejected:
+            return Rejected(reason, clip(detail), key, where.kind, where.channel)
+
+        try:
+            status = STATUS_ADAPTER.validate_json(payload)
+        except ValidationError as exc:
+            if _is_json_error(exc):
+                return reject(RejectReason.NOT_JSON, f"not JSON: {exc.errors()[0]['msg']}")
+            return reject(RejectReason.SCHEMA, _schema_detail(exc))
+        refused = self._registered(where)
+        if refused is not None:
+            return reject(RejectReason.UNKNOWN_DEVICE, refused)
+        if status.ts is not None and status.ts - now > self._skew:
+            return reject(RejectReason.CLOCK_SKEW, self._skew_detail(status.ts, now))
+        at = (status.ts or now).timestamp()
+        if not self._status_limiter.allow(where.device_id, at):
+            return reject(RejectReason.RATE_LIMITED, "device exceeded its status message budget")
+        event = StatusEvent(
+            device_id=where.device_id,
+            kind=where.kind,
+            online=status.online,
+            ts=status.ts,
+            received_at=now,
+            ingest_id=self._ingest_id,
+        )
+        return Accepted(
+            self._topics.status, key, encode_status(event), where.kind, where.channel, status.ts
+        )
+
+    def _registered(self, where: DeviceTopic) -> str | None:
+        """None when the topic's device is registered, enabled and of the topic's kind."""
+        kind = self._registry.kind_of(where.device_id)
+        if kind is None:
+            return f"device {where.device_id!r} is not registered (or is disabled)"
+        if kind is not where.kind:
+            return (
+                f"device {where.device_id!r} is registered as {kind.value}, not {where.kind.value}"
+            )
+        return None
+
+    def _skew_detail(self, ts: datetime, now: datetime) -> str:
+        ahead = (ts - now).total_seconds()
+        return (
+            f"ts {ts.isoformat()} is {ahead:.0f} s ahead of the ingest clock "
+            f"(limit {self._skew.total_seconds():.0f} s)"
+        )
+
+
+def _device_id_guess(mqtt_topic: str) -> bytes | None:
+    """The device id of a malformed topic when it sits where a device id belongs."""
+    parts = mqtt_topic.split("/")
+    if len(parts) >= 3 and parts[0] == "city" and is_valid_device_id(parts[2]):
+        return parts[2].encode()
+    return None
+
+
+def deadletter_headers(
+    rejected: Rejected, *, mqtt_topic: str, received_at: datetime, ingest_id: str
+) -> Sequence[tuple[str, bytes]]:
+    """The A4 dead-letter headers: reason, detail, mqtt_topic, received_at (and who refused)."""
+    topic_bytes = mqtt_topic.encode("utf-8", "replace")[:MAX_TOPIC_HEADER_BYTES]
+    return (
+        ("reason", rejected.reason.value.encode()),
+        ("detail", rejected.detail.encode()),
+        ("mqtt_topic", topic_bytes),
+        ("received_at", received_at.isoformat().encode()),
+        ("ingest_id", ingest_id.encode()),
+    )
