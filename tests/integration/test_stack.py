@@ -15,6 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from paho.mqtt.enums import MQTTProtocolVersion
 
+from cityops.stack.layout import StackPaths, repo_root
 from cityops.stack.probes import mqtt_connect_reason
 from tests.helpers import MqttTestClient, wait_for
 from tests.integration.conftest import MakeTopics, MqttSettings, ProvisionDevice, edit_devices
@@ -254,3 +255,16 @@ def test_stack_status_lists_all_four_servers() -> None:
     lines = completed.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["postgres", "mosquitto", "kafka", "prometheus"]
     assert all("running (pid" in line and "answers" in line for line in lines)
+
+
+@pytest.mark.prometheus
+def test_promtool_accepts_the_rendered_config_and_every_rule_file() -> None:
+    rendered = StackPaths(repo=repo_root()).root / "prometheus" / "prometheus.yml"
+    completed = subprocess.run(
+        ["promtool", "check", "config", str(rendered)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
