@@ -56,6 +56,27 @@ def _write_private(path: Path, text: str) -> None:
     path.chmod(0o600)
 
 
+def _from_values(values: dict[str, str]) -> StackSecrets:
+    return StackSecrets(
+        mqtt_ingest_password=values["MQTT_INGEST_PASSWORD"],
+        mqtt_gateway_password=values["MQTT_GATEWAY_PASSWORD"],
+        postgres_superuser_password=values["POSTGRES_SUPERUSER_PASSWORD"],
+        postgres_cityops_password=values["POSTGRES_CITYOPS_PASSWORD"],
+        api_bootstrap_key=values["API_BOOTSTRAP_KEY"],
+    )
+
+
+def load_secrets(paths: StackPaths) -> StackSecrets | None:
+    """Read `.stack/secrets.env` without changing it; None when it is missing or incomplete."""
+    path = paths.secrets_file
+    if not path.exists():
+        return None
+    values = parse_env_file(path.read_text(encoding="utf-8"))
+    if any(not values.get(key) for key in SECRET_KEYS):
+        return None
+    return _from_values(values)
+
+
 def load_or_create_secrets(paths: StackPaths) -> StackSecrets:
     """Read `.stack/secrets.env`, generating (and saving) any secret that is missing."""
     path = paths.secrets_file
@@ -66,13 +87,7 @@ def load_or_create_secrets(paths: StackPaths) -> StackSecrets:
         values.update({key: secrets.token_urlsafe(24) for key in missing})
         body = "".join(f"{key}={values[key]}\n" for key in SECRET_KEYS)
         _write_private(path, "# generated once by `cityops stack up`; keep private\n" + body)
-    return StackSecrets(
-        mqtt_ingest_password=values["MQTT_INGEST_PASSWORD"],
-        mqtt_gateway_password=values["MQTT_GATEWAY_PASSWORD"],
-        postgres_superuser_password=values["POSTGRES_SUPERUSER_PASSWORD"],
-        postgres_cityops_password=values["POSTGRES_CITYOPS_PASSWORD"],
-        api_bootstrap_key=values["API_BOOTSTRAP_KEY"],
-    )
+    return _from_values(values)
 
 
 def database_url(stack_secrets: StackSecrets, *, database: str = DB_NAME) -> str:

@@ -19,6 +19,7 @@ from cityops.stack.credentials import (
     StackSecrets,
     database_url,
     load_or_create_secrets,
+    load_secrets,
     superuser_url,
     write_env,
 )
@@ -39,6 +40,7 @@ from cityops.stack.procs import (
     log_tail,
     owner_of,
     running_pid,
+    stack_lock,
     start,
     stop,
 )
@@ -279,11 +281,11 @@ def cmd_down(paths: StackPaths) -> int:
 def cmd_status(paths: StackPaths) -> int:
     """One line per server: running (pid) or stopped, and whether it answers a real request."""
     specs = server_specs(paths)
-    stack_secrets = load_or_create_secrets(paths) if paths.secrets_file.exists() else None
+    stack_secrets = load_secrets(paths)
 
     async def answers() -> dict[str, str | None]:
         if stack_secrets is None:
-            return dict.fromkeys(SERVERS, "no .stack/secrets.env")
+            return dict.fromkeys(SERVERS, "no complete .stack/secrets.env: run `stack up`")
         checks = probes(stack_secrets)
         results = await asyncio.gather(*(checks[name]() for name in SERVERS))
         return dict(zip(SERVERS, results, strict=True))
@@ -309,14 +311,33 @@ def cmd_env(paths: StackPaths) -> int:
     return 0
 
 
-def cmd_reset(paths: StackPaths, *, confirmed: bool) -> int:
+def cmd_reset(paths: StackPaths) -> int:
     """Stop everything and delete `.stack` (all data, secrets, logs)."""
-    if not confirmed:
-        raise StackError(f"reset deletes {paths.root} with all data: pass --yes to confirm")
     cmd_down(paths)
-    shutil.rmtree(paths.root, ignore_errors=True)
+    # keep run/stack.lock: we hold it, and a waiting `up` must not get a fresh, unlocked file
+    for entry in paths.root.iterdir():
+        if entry != paths.run:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     print(f"deleted {paths.root}")
     return 0
+
+
+def _dispatch(command: str, paths: StackPaths, *, confirmed: bool) -> int:
+    if command == "status":
+        return cmd_status(paths)
+    if command == "env":
+        return cmd_env(paths)
+    if command == "reset" and not confirmed:
+        raise StackError(f"reset deletes {paths.root} with all data: pass --yes to confirm")
+    with stack_lock(paths):
+        if command == "up":
+            return cmd_up(paths)
+        if command == "down":
+            return cmd_down(paths)
+        return cmd_reset(paths)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -343,15 +364,7 @@ def main(argv: list[str]) -> int:
     logging.getLogger("aiokafka").propagate = False
     paths = StackPaths(repo=repo_root())
     try:
-        if args.command == "up":
-            return cmd_up(paths)
-        if args.command == "down":
-            return cmd_down(paths)
-        if args.command == "status":
-            return cmd_status(paths)
-        if args.command == "env":
-            return cmd_env(paths)
-        return cmd_reset(paths, confirmed=args.yes)
+        return _dispatch(args.command, paths, confirmed=getattr(args, "yes", False))
     except StackError as exc:
         print(f"cityops stack {args.command}: {exc}", file=sys.stderr)
         return 1

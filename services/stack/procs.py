@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,3 +256,29 @@ def log_tail(path: Path, lines: int = 5) -> str:
         return ""
     tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
     return " | ".join(tail)
+
+
+@contextlib.contextmanager
+def stack_lock(paths: StackPaths, *, timeout_s: float = 900.0) -> Iterator[None]:
+    """Serialise `up` / `down` / `reset` across processes (several `make test` at once)."""
+    paths.run.mkdir(parents=True, exist_ok=True)
+    with (paths.run / "stack.lock").open("a") as handle:
+        deadline = time.monotonic() + timeout_s
+        announced = False
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StackError(
+                        f"another `cityops stack` command held {handle.name} for {timeout_s:.0f}s"
+                    ) from None
+                if not announced:
+                    print("stack: waiting for another `cityops stack` command", flush=True)
+                    announced = True
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
