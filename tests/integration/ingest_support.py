@@ -203,12 +203,13 @@ def start_subprocess(case: IngestCase, env: Mapping[str, str]) -> subprocess.Pop
 
 def reading(device_id: str, kind: str, seq: int, ts: datetime, **fields: Any) -> bytes:
     """A valid reading payload."""
-    required: dict[str, Any] = {
+    by_kind: dict[str, dict[str, Any]] = {
         "streetlight": {"lamp_on": True},
         "manhole": {"cover_open": False},
         "wastebin": {"fill_pct": 40.0},
         "parking": {"occupied": seq % 2 == 0},
-    }[kind]
+    }
+    required = by_kind[kind]
     body = {
         "device_id": device_id,
         "kind": kind,
