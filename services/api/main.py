@@ -1,0 +1,286 @@
+"""`cityops api`: the HTTP API (uvicorn) and the read-model projector in one process.
+
+SIGTERM / SIGINT: stop accepting connections, end event streams, let in-flight requests
+finish (bounded by CITYOPS_SHUTDOWN_TIMEOUT_S), write and commit the projector's batch in
+flight, flush Kafka, close the pool, and log one summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Generator
+
+import asyncpg
+import uvicorn
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry
+
+from cityops.api import store_devices, store_keys
+from cityops.api.app import create_app
+from cityops.api.auth import Authenticator, Principal, effective_scopes
+from cityops.api.context import ApiContext
+from cityops.api.metrics import ApiMetrics, create_metrics
+from cityops.api.projector import Projector
+from cityops.api.provisioning import BrokerFiles, CredentialStore
+from cityops.api.publisher import EventPublisher
+from cityops.api.settings import ApiSettings
+from cityops.api.stream import Broadcaster
+from cityops.common.kafka import ensure_topics
+from cityops.common.logs import configure_logging
+from cityops.common.ops import stop_on_signals
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: main() owns SIGTERM and the shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """Leave signals to the service (uvicorn would re-raise SIGTERM after shutdown)."""
+        yield
+
+
+async def create_pool(settings: ApiSettings) -> asyncpg.Pool:
+    """The connection pool; sessions in UTC so partition bounds and date_bin align to UTC."""
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        settings.database_url.get_secret_value(),
+        min_size=settings.database_pool_min,
+        max_size=settings.database_pool_max,
+        server_settings={"timezone": "UTC", "application_name": "cityops-api"},
+        command_timeout=30,
+    )
+    return pool
+
+
+async def start_producer(settings: ApiSettings, stop: asyncio.Event) -> AIOKafkaProducer:
+    """An idempotent producer (acks=all), retried until Kafka answers or stop is set."""
+    delay = 0.5
+    while True:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            client_id=f"cityops-api-{settings.instance_id}",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+        )
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            if stop.is_set():
+                raise
+            log.warning("kafka not reachable, retrying in %ss: %s", delay, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 5.0)
+        else:
+            return producer
+
+
+class Readiness:
+    """/readyz checks: PostgreSQL answers, Kafka metadata can be fetched (cached for 1 s)."""
+
+    def __init__(self, *, pool: asyncpg.Pool, producer: AIOKafkaProducer) -> None:
+        self._pool = pool
+        self._producer = producer
+        self._cached: tuple[float, dict[str, bool]] | None = None
+
+    async def __call__(self) -> dict[str, bool]:
+        """The dependency checks."""
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < 1.0:
+            return self._cached[1]
+        checks = {"database": False, "kafka": False}
+        db_errors = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+        with contextlib.suppress(*db_errors):
+            checks["database"] = await asyncio.wait_for(self._pool.fetchval("SELECT 1"), 2) == 1
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), 2)
+            checks["kafka"] = True
+        except (TimeoutError, KafkaError, OSError):
+            pass
+        self._cached = (now, checks)
+        return checks
+
+
+def build_context(
+    settings: ApiSettings,
+    *,
+    pool: asyncpg.Pool,
+    producer: AIOKafkaProducer,
+    metrics: ApiMetrics,
+) -> ApiContext:
+    """Wire the collaborators of the HTTP app."""
+
+    async def lookup(key_hash: bytes) -> Principal | None:
+        row = await store_keys.find_key(pool, key_hash=key_hash)
+        return None if row is None else Principal(row["name"], effective_scopes(row["scopes"]))
+
+    bootstrap = settings.api_bootstrap_key
+    files = BrokerFiles.from_settings(
+        password_file=settings.mqtt_password_file,
+        service_file=settings.mqtt_service_password_file,
+        device_file=settings.mqtt_device_password_file,
+        pid_file=settings.mqtt_broker_pid_file,
+        lock_file=settings.mqtt_password_lock_file,
+    )
+    return ApiContext(
+        settings=settings,
+        pool=pool,
+        metrics=metrics,
+        authenticator=Authenticator(
+            lookup=lookup,
+            bootstrap_key=bootstrap.get_secret_value() if bootstrap else None,
+            cache_s=settings.api_key_cache_s,
+        ),
+        credentials=CredentialStore(
+            files=files, metrics=metrics, iterations=settings.mqtt_password_iterations
+        ),
+        publisher=EventPublisher(
+            producer=producer,
+            devices_topic=settings.topic_devices,
+            tickets_topic=settings.topic_tickets,
+        ),
+        broadcaster=Broadcaster(
+            bootstrap=settings.kafka_bootstrap,
+            topics={
+                "telemetry": settings.topic_telemetry,
+                "status": settings.topic_status,
+                "tickets": settings.topic_tickets,
+                "devices": settings.topic_devices,
+            },
+            pool=pool,
+            metrics=metrics,
+            queue_max=settings.api_stream_queue_max,
+        ),
+        readiness=Readiness(pool=pool, producer=producer),
+    )
+
+
+def build_projector(settings: ApiSettings, *, pool: asyncpg.Pool, metrics: ApiMetrics) -> Projector:
+    """The read-model projector for these settings."""
+    return Projector(
+        pool=pool,
+        bootstrap=settings.kafka_bootstrap,
+        topics=[settings.topic_telemetry, settings.topic_status],
+        telemetry_topic=settings.topic_telemetry,
+        group_id=settings.api_projector_group,
+        metrics=metrics,
+        batch_max=settings.api_projector_batch_max,
+        fetch_timeout_ms=settings.api_projector_fetch_timeout_ms,
+        partitions_ahead_days=settings.api_partitions_ahead_days,
+        retention_days=settings.retention_days(),
+        maintenance_interval_s=settings.api_maintenance_interval_s,
+        client_id=f"cityops-api-{settings.instance_id}",
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    settings: ApiSettings, stop: asyncio.Event, registry: CollectorRegistry
+) -> AsyncIterator[tuple[_Server, ApiContext]]:
+    """Start pool, producer, projector and HTTP server; tear them down in order on exit."""
+    metrics = create_metrics(registry)
+    await ensure_topics(
+        settings.kafka_bootstrap,
+        topics=dict.fromkeys(
+            (
+                settings.topic_telemetry,
+                settings.topic_status,
+                settings.topic_tickets,
+                settings.topic_devices,
+                settings.topic_deadletter,
+            ),
+            settings.topic_partitions,
+        ),
+        compacted={settings.topic_devices},
+    )
+    pool = await create_pool(settings)
+    producer = await start_producer(settings, stop)
+    context = build_context(settings, pool=pool, producer=producer, metrics=metrics)
+    projector_task: asyncio.Task[None] | None = None
+    projector = None
+    try:
+        async with pool.acquire() as conn:
+            states = await store_devices.credential_states(conn)
+            if states:
+                await context.credentials.reconcile(conn, states)
+        if settings.api_projector_enabled:
+            projector = build_projector(settings, pool=pool, metrics=metrics)
+            projector_task = asyncio.create_task(projector.run(stop), name="projector")
+        config = uvicorn.Config(
+            create_app(context, registry=registry),
+            host=settings.api_host,
+            port=settings.api_port,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),
+            server_header=False,
+        )
+        server = _Server(config)
+        yield server, context
+    finally:
+        stop.set()
+        await context.broadcaster.close()
+        if projector_task is not None:
+            try:
+                await asyncio.wait_for(projector_task, settings.shutdown_timeout_s)
+            except TimeoutError:
+                log.exception("projector did not stop in time; its batch will be replayed")
+            except (asyncpg.PostgresError, OSError, KafkaError) as exc:
+                log.error("projector failed: %s", exc)  # noqa: TRY400 - reported, not hidden
+        await producer.stop()
+        await pool.close()
+
+
+async def serve(settings: ApiSettings) -> int:
+    """Run until SIGTERM / SIGINT; returns the exit code."""
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    registry = CollectorRegistry()
+    started = time.monotonic()
+    async with running_service(settings, stop, registry) as (server, context):
+
+        async def stop_server() -> None:
+            await stop.wait()
+            await context.broadcaster.close()  # streams end, so connections can close
+            server.should_exit = True
+
+        watcher = asyncio.create_task(stop_server(), name="stop-watcher")
+        try:
+            await server.serve()
+        finally:
+            watcher.cancel()
+    requests = sum(
+        sample.value
+        for metric in registry.collect()
+        if metric.name == "cityops_api_requests"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+    log.info(
+        "api stopped",
+        extra={"uptime_s": round(time.monotonic() - started, 1), "requests": int(requests)},
+    )
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """`cityops api`: serve the HTTP API and run the projector."""
+    parser = argparse.ArgumentParser(prog="cityops api", description=__doc__)
+    parser.parse_args(argv)
+    settings = ApiSettings()  # fields come from the environment
+    configure_logging(
+        service="api",
+        instance_id=settings.instance_id,
+        level=settings.log_level,
+        fmt=settings.log_format,
+    )
+    return asyncio.run(serve(settings))

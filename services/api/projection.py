@@ -1,0 +1,119 @@
+"""Pure core of the read-model projector: fold a batch of events into rows to write.
+
+Within one batch a device may appear many times, out of order, or replayed; the fold keeps
+the newest state per device (by seq), every distinct reading once, and the latest
+connectivity, so that one statement per table can write the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from cityops.common.events import StatusEvent, TelemetryRecord
+
+# Columns of `readings` / `device_state`; the rest of a reading goes into the jsonb document.
+_COLUMN_FIELDS = frozenset({"device_id", "kind", "seq", "ts"})
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingRow:
+    """One reading as written to `readings` and, when newest, to `device_state`."""
+
+    device_id: str
+    kind: str
+    seq: int
+    ts: datetime
+    received_at: datetime
+    values_json: str
+
+
+@dataclass(slots=True)
+class ConnectivityRow:
+    """The newest connectivity fact about a device in a batch."""
+
+    device_id: str
+    online: bool
+    status_at: datetime
+    seen_at: datetime | None
+
+
+@dataclass(slots=True)
+class ProjectionBatch:
+    """What one batch writes: states (newest per device), readings (distinct), connectivity."""
+
+    states: dict[str, ReadingRow] = field(default_factory=dict)
+    readings: dict[tuple[str, datetime, int], ReadingRow] = field(default_factory=dict)
+    connectivity: dict[str, ConnectivityRow] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to write."""
+        return not (self.readings or self.connectivity)
+
+
+def reading_values(record: TelemetryRecord) -> dict[str, Any]:
+    """The measured values of a reading: everything but the identifying columns."""
+    body = record.reading.model_dump(mode="json", exclude_none=True)
+    return {key: value for key, value in body.items() if key not in _COLUMN_FIELDS}
+
+
+def reading_row(record: TelemetryRecord) -> ReadingRow:
+    """The row a telemetry record becomes."""
+    reading = record.reading
+    return ReadingRow(
+        device_id=reading.device_id,
+        kind=reading.kind,
+        seq=reading.seq,
+        ts=reading.ts,
+        received_at=record.received_at,
+        values_json=orjson.dumps(reading_values(record)).decode(),
+    )
+
+
+def _note_connectivity(
+    batch: ProjectionBatch,
+    *,
+    device_id: str,
+    online: bool,
+    at: datetime,
+    seen: bool,
+) -> None:
+    current = batch.connectivity.get(device_id)
+    if current is None:
+        batch.connectivity[device_id] = ConnectivityRow(device_id, online, at, at if seen else None)
+        return
+    if at >= current.status_at:
+        current.online = online
+        current.status_at = at
+    if seen and (current.seen_at is None or at > current.seen_at):
+        current.seen_at = at
+
+
+def fold(events: Iterable[TelemetryRecord | StatusEvent]) -> ProjectionBatch:
+    """Fold decoded events (in log order) into the rows one batch writes."""
+    batch = ProjectionBatch()
+    for event in events:
+        if isinstance(event, TelemetryRecord):
+            row = reading_row(event)
+            batch.readings.setdefault((row.device_id, row.ts, row.seq), row)
+            newest = batch.states.get(row.device_id)
+            if newest is None or row.seq > newest.seq:
+                batch.states[row.device_id] = row
+            # Any message means the device is alive.
+            _note_connectivity(
+                batch, device_id=row.device_id, online=True, at=row.received_at, seen=True
+            )
+        else:
+            _note_connectivity(
+                batch,
+                device_id=event.device_id,
+                online=event.online,
+                at=event.received_at,
+                seen=event.online,
+            )
+    return batch

@@ -1,0 +1,249 @@
+"""The read-model projector: Kafka telemetry and status into device_state, readings, connectivity.
+
+Consumer group `api-projector` (a setting); offsets are committed only after the PostgreSQL
+transaction that wrote a batch, and every write is idempotent (seq guard, ON CONFLICT), so a
+crash or rebalance replays at most a batch and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from pydantic import ValidationError
+
+from cityops.api import store_state
+from cityops.api.db import Conn
+from cityops.api.metrics import ApiMetrics
+from cityops.api.projection import ProjectionBatch, fold
+from cityops.common.events import StatusEvent, TelemetryRecord, decode_status, decode_telemetry
+from cityops.common.kinds import Kind
+
+log = logging.getLogger(__name__)
+
+# pg_try_advisory_lock key for partition maintenance: one replica at a time does it.
+_MAINTENANCE_LOCK = 0x6369747900A1
+_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def decode_records(
+    records: Sequence[ConsumerRecord[bytes, bytes]],
+    *,
+    telemetry_topic: str,
+    metrics: ApiMetrics,
+) -> list[TelemetryRecord | StatusEvent]:
+    """Decode a fetched batch; an undecodable record is logged, counted and skipped."""
+    events: list[TelemetryRecord | StatusEvent] = []
+    for record in records:
+        source = "telemetry" if record.topic == telemetry_topic else "status"
+        try:
+            value = record.value if record.value is not None else b""
+            if source == "telemetry":
+                events.append(decode_telemetry(value))
+            else:
+                events.append(decode_status(value))
+        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+            metrics.projector_invalid.labels(source).inc()
+            log.warning(
+                "skipping undecodable record: %s",
+                type(exc).__name__,
+                extra={
+                    "topic": record.topic,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                },
+            )
+            continue
+        metrics.projector_records.labels(source).inc()
+    return events
+
+
+async def write_batch(conn: Conn, batch: ProjectionBatch) -> tuple[int, int]:
+    """Write one folded batch in one transaction; returns (state rows moved, readings inserted)."""
+    async with conn.transaction():
+        inserted = await store_state.insert_readings(conn, readings=batch.readings.values())
+        moved = await store_state.upsert_states(conn, states=batch.states.values())
+        await store_state.upsert_connectivity(conn, rows=list(batch.connectivity.values()))
+    return moved, inserted
+
+
+class Projector:
+    """Consumes telemetry and status, writes the read model, commits after the write."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        bootstrap: str,
+        topics: Sequence[str],
+        telemetry_topic: str,
+        group_id: str,
+        metrics: ApiMetrics,
+        batch_max: int,
+        fetch_timeout_ms: int,
+        partitions_ahead_days: int,
+        retention_days: Mapping[Kind, int],
+        maintenance_interval_s: float,
+        client_id: str,
+    ) -> None:
+        self._pool = pool
+        self._bootstrap = bootstrap
+        self._topics = list(topics)
+        self._telemetry_topic = telemetry_topic
+        self._group_id = group_id
+        self._metrics = metrics
+        self._batch_max = batch_max
+        self._fetch_timeout_ms = fetch_timeout_ms
+        self._partitions_ahead_days = partitions_ahead_days
+        self._retention_days = dict(retention_days)
+        self._maintenance_interval_s = maintenance_interval_s
+        self._client_id = client_id
+        self._lag: dict[TopicPartition, int] = {}
+        self.kafka_ok = False
+        self.batches = 0
+        self.records = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Project until `stop` is set; the batch in flight is written and committed first."""
+        await self.maintain_partitions()
+        consumer = AIOKafkaConsumer(
+            *self._topics,
+            bootstrap_servers=self._bootstrap,
+            group_id=self._group_id,
+            client_id=self._client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        maintenance = asyncio.create_task(self._maintenance_loop(stop), name="partitions")
+        try:
+            await self._start_consumer(consumer, stop)
+            while not stop.is_set():
+                try:
+                    fetched = await consumer.getmany(
+                        timeout_ms=self._fetch_timeout_ms, max_records=self._batch_max
+                    )
+                except KafkaError as exc:
+                    self.kafka_ok = False
+                    log.warning("kafka fetch failed, retrying: %s", exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 1.0)
+                    continue
+                self.kafka_ok = True
+                if fetched:
+                    await self._project(consumer, fetched, stop)
+        finally:
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
+            await consumer.stop()
+            log.info(
+                "projector stopped",
+                extra={"batches": self.batches, "records": self.records},
+            )
+
+    async def _start_consumer(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        for attempt in range(1_000_000):
+            try:
+                await consumer.start()
+            except KafkaError as exc:
+                delay = _RETRY_DELAYS_S[min(attempt, len(_RETRY_DELAYS_S) - 1)]
+                log.warning("kafka not reachable, retrying in %ss: %s", delay, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    return
+            else:
+                self.kafka_ok = True
+                return
+
+    async def _project(
+        self,
+        consumer: AIOKafkaConsumer,
+        fetched: Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+        stop: asyncio.Event,
+    ) -> None:
+        started = time.perf_counter()
+        records = [record for batch in fetched.values() for record in batch]
+        events = decode_records(
+            records, telemetry_topic=self._telemetry_topic, metrics=self._metrics
+        )
+        batch = fold(events)
+        moved = inserted = 0
+        if not batch.empty:
+            for attempt in range(len(_RETRY_DELAYS_S) + 1):
+                try:
+                    async with self._pool.acquire() as conn:
+                        moved, inserted = await write_batch(conn, batch)
+                    break
+                except (asyncpg.PostgresError, OSError) as exc:
+                    if attempt == len(_RETRY_DELAYS_S) or stop.is_set():
+                        # Not committed: the batch is replayed by whoever owns the partitions next.
+                        raise
+                    delay = _RETRY_DELAYS_S[attempt]
+                    log.warning("read-model write failed, retrying in %ss: %s", delay, exc)
+                    await asyncio.sleep(delay)
+        try:
+            await consumer.commit()
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance took the partitions: the new owner replays them; writes are idempotent.
+            log.warning("offset commit failed (batch will be replayed): %s", exc)
+        for tp, batch_records in fetched.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None and batch_records:
+                self._lag[tp] = max(0, highwater - batch_records[-1].offset - 1)
+        assigned = consumer.assignment()
+        self._metrics.projector_lag.set(sum(lag for tp, lag in self._lag.items() if tp in assigned))
+        self._metrics.projector_batch_records.observe(len(records))
+        self._metrics.projector_batch_seconds.observe(time.perf_counter() - started)
+        self._metrics.projector_state_updates.inc(moved)
+        self._metrics.readings_written.inc(inserted)
+        self.batches += 1
+        self.records += len(records)
+        log.debug(
+            "projected batch",
+            extra={"records": len(records), "states": moved, "readings": inserted},
+        )
+
+    async def maintain_partitions(self) -> None:
+        """Create partitions ahead and apply retention, if no other replica is doing it."""
+        today = datetime.now(UTC).date()
+        async with self._pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MAINTENANCE_LOCK):
+                return
+            try:
+                created = await store_state.ensure_partitions(
+                    conn, first_day=today, days=self._partitions_ahead_days + 1
+                )
+                dropped, deleted = await store_state.apply_retention(
+                    conn, today=today, retention_days=self._retention_days
+                )
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _MAINTENANCE_LOCK)
+        log.info(
+            "readings partitions maintained",
+            extra={
+                "partitions_created": created,
+                "dropped": dropped,
+                "deleted": deleted,
+                "today": date.isoformat(today),
+            },
+        )
+
+    async def _maintenance_loop(self, stop: asyncio.Event) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._maintenance_interval_s)
+            if stop.is_set():
+                return
+            try:
+                await self.maintain_partitions()
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("partition maintenance failed: %s", exc)

@@ -1,0 +1,244 @@
+"""Device provisioning: registry rows plus per-device MQTT credentials in Mosquitto.
+
+The password is generated here, returned once and stored only as Mosquitto's `$7$` PBKDF2
+hash in `device_credentials`. The broker's password file is updated from the database under
+a PostgreSQL advisory lock (held until the provisioning transaction commits, so replicas
+apply changes in commit order) and a file lock (other tools on the same host), written
+atomically, and the broker is sent SIGHUP, which reloads it without dropping connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from cityops.api.db import Conn
+from cityops.api.metrics import ApiMetrics
+from cityops.api.models import DeviceCreate, ImportRowError
+from cityops.api.problems import field_errors
+from cityops.common import mqtt_auth
+
+log = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key serialising broker credential writes across API replicas.
+CREDENTIALS_LOCK = 0x63697479_0A02
+_CSV_FIELDS = frozenset(DeviceCreate.model_fields)
+
+
+def new_password() -> str:
+    """A random MQTT password (192 bits)."""
+    return secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerFiles:
+    """Where the broker's credentials live on this host."""
+
+    password_file: Path
+    service_file: Path
+    device_file: Path
+    lock_file: Path
+    pid_file: Path | None
+
+    @classmethod
+    def from_settings(
+        cls,
+        *,
+        password_file: Path | None,
+        service_file: Path | None,
+        device_file: Path | None,
+        pid_file: Path | None,
+        lock_file: Path | None = None,
+    ) -> BrokerFiles | None:
+        """None when no password file is configured (credentials then live only in the DB)."""
+        if password_file is None:
+            return None
+        folder = password_file.parent
+        return cls(
+            password_file=password_file,
+            service_file=service_file or folder / "service.passwd",
+            device_file=device_file or folder / "devices.passwd",
+            lock_file=lock_file or folder / "passwd.lock",
+            pid_file=pid_file,
+        )
+
+
+def apply_to_files(files: BrokerFiles, changes: Mapping[str, str | None]) -> bool:
+    """Set (hash) or remove (None) device entries, re-render the broker file, reload it.
+
+    Returns whether the broker was signalled.
+    """
+    with mqtt_auth.password_files_lock(files.lock_file):
+        current = (
+            mqtt_auth.parse_password_file(files.device_file.read_text(encoding="utf-8"))
+            if files.device_file.exists()
+            else {}
+        )
+        for device_id, password_hash in changes.items():
+            if password_hash is None:
+                current.pop(device_id, None)
+            else:
+                current[device_id] = password_hash
+        mqtt_auth.write_file_atomic(
+            files.device_file, mqtt_auth.render_password_file(current.items())
+        )
+        changed = mqtt_auth.combine_password_files(
+            service_file=files.service_file,
+            device_file=files.device_file,
+            out_file=files.password_file,
+        )
+    if changed and files.pid_file is not None:
+        return mqtt_auth.reload_broker(files.pid_file)
+    return False
+
+
+class CredentialStore:
+    """Applies credential changes to the broker inside the caller's transaction."""
+
+    def __init__(self, *, files: BrokerFiles | None, metrics: ApiMetrics, iterations: int) -> None:
+        self.files = files
+        self._metrics = metrics
+        self._iterations = iterations
+
+    async def hash_passwords(self, passwords: list[str]) -> list[str]:
+        """Mosquitto hashes of `passwords`, computed off the event loop."""
+        iterations = self._iterations
+
+        def run() -> list[str]:
+            return [mqtt_auth.hash_password(p, iterations=iterations) for p in passwords]
+
+        return await asyncio.to_thread(run)
+
+    async def apply(self, conn: Conn, changes: Mapping[str, str | None]) -> None:
+        """Lock (until the caller commits), then write the broker files and reload the broker."""
+        if not changes:
+            return
+        if self.files is None:
+            self._metrics.credential_syncs.labels("skipped").inc()
+            return
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", CREDENTIALS_LOCK)
+        try:
+            reloaded = await asyncio.to_thread(apply_to_files, self.files, dict(changes))
+        except OSError:
+            self._metrics.credential_syncs.labels("error").inc()
+            raise
+        self._metrics.credential_syncs.labels("ok").inc()
+        log.info(
+            "broker credentials updated",
+            extra={"changes": len(changes), "reloaded": reloaded},
+        )
+
+    async def reconcile(self, conn: Conn, states: Mapping[str, str | None]) -> None:
+        """Make the broker agree with the database for every device it has credentials for."""
+        async with conn.transaction():
+            await self.apply(conn, states)
+
+
+@dataclass(slots=True)
+class ParsedImport:
+    """Valid rows and per-row errors of an import file."""
+
+    devices: list[DeviceCreate]
+    rows: list[int]
+    errors: list[ImportRowError]
+
+
+def _csv_value(column: str, text: str) -> Any:
+    if text == "":
+        return None
+    if column == "metadata":
+        return orjson.loads(text)
+    if column in {"lat", "lon"}:
+        return float(text)
+    if column == "reporting_interval_s":
+        return int(text)
+    if column == "enabled":
+        lowered = text.strip().lower()
+        if lowered in {"true", "1", "yes"}:
+            return True
+        if lowered in {"false", "0", "no"}:
+            return False
+        raise ValueError("enabled must be true or false")
+    return text
+
+
+def parse_import(text: str, *, fmt: str, max_rows: int) -> ParsedImport:
+    """Parse CSV (header row) or JSON lines into devices; bad rows are reported, not fatal.
+
+    Row numbers are 1-based data rows (the CSV header is not counted). A device id seen twice
+    is an error on the second row.
+    """
+    parsed = ParsedImport([], [], [])
+    seen: set[str] = set()
+    records: list[tuple[int, Any]] = []
+    if fmt == "csv":
+        reader = csv.DictReader(io.StringIO(text))
+        header = set(reader.fieldnames or [])
+        unknown = header - _CSV_FIELDS
+        if not reader.fieldnames or "device_id" not in header or "kind" not in header:
+            raise ValueError("the CSV needs a header row with at least device_id and kind")
+        if unknown:
+            raise ValueError(f"unknown CSV columns: {', '.join(sorted(unknown))}")
+        for number, raw in enumerate(reader, start=1):
+            if number > max_rows:
+                raise ValueError(f"more than {max_rows} rows")
+            if None in raw:
+                records.append((number, ValueError("more values than header columns")))
+                continue
+            try:
+                values = {k: _csv_value(k, v or "") for k, v in raw.items()}
+                records.append((number, {k: v for k, v in values.items() if v is not None}))
+            except ValueError as exc:
+                records.append((number, exc))
+    else:
+        number = 0
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            number += 1
+            if number > max_rows:
+                raise ValueError(f"more than {max_rows} rows")
+            try:
+                records.append((number, orjson.loads(line)))
+            except orjson.JSONDecodeError as exc:
+                records.append((number, ValueError(f"not JSON: {exc}")))
+    for number, record in records:
+        device_id = record.get("device_id") if isinstance(record, dict) else None
+        device_id = device_id if isinstance(device_id, str) else None
+        if isinstance(record, Exception):
+            parsed.errors.append(
+                ImportRowError(
+                    row=number, device_id=None, errors=[{"field": "row", "message": str(record)}]
+                )
+            )
+            continue
+        try:
+            device = DeviceCreate.model_validate(record)
+        except ValidationError as exc:
+            parsed.errors.append(
+                ImportRowError(row=number, device_id=device_id, errors=field_errors(exc.errors()))
+            )
+            continue
+        if device.device_id in seen:
+            parsed.errors.append(
+                ImportRowError(
+                    row=number,
+                    device_id=device.device_id,
+                    errors=[{"field": "device_id", "message": "appears earlier in this file"}],
+                )
+            )
+            continue
+        seen.add(device.device_id)
+        parsed.devices.append(device)
+        parsed.rows.append(number)
+    return parsed

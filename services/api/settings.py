@@ -1,0 +1,76 @@
+"""Settings of `cityops api`: HTTP, database, Kafka, MQTT credentials, retention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+
+from cityops.common.kinds import Kind
+from cityops.common.settings import DatabaseSettings, KafkaSettings
+
+# How long history is kept per kind when nothing else is configured.
+DEFAULT_RETENTION_DAYS: dict[Kind, int] = {
+    Kind.STREETLIGHT: 90,
+    Kind.MANHOLE: 365,
+    Kind.WASTEBIN: 90,
+    Kind.PARKING: 30,
+}
+
+
+class ApiSettings(KafkaSettings, DatabaseSettings):
+    """Everything `cityops api` reads from `CITYOPS_*` environment variables."""
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    api_bootstrap_key: SecretStr | None = Field(
+        default=None, description="An admin API key accepted without a database row."
+    )
+    api_key_cache_s: float = Field(
+        default=5.0, ge=0, le=300, description="How long a key lookup is cached (revocation lag)."
+    )
+
+    # Read-model projector.
+    api_projector_enabled: bool = True
+    api_projector_group: str = "api-projector"
+    api_projector_batch_max: int = Field(default=5000, ge=1, le=100_000)
+    api_projector_fetch_timeout_ms: int = Field(default=500, ge=10, le=60_000)
+    api_partitions_ahead_days: int = Field(default=3, ge=1, le=60)
+    api_maintenance_interval_s: float = Field(default=3600.0, gt=0, le=86_400)
+    api_retention_streetlight_days: int = Field(
+        default=DEFAULT_RETENTION_DAYS[Kind.STREETLIGHT], ge=1, le=36_500
+    )
+    api_retention_manhole_days: int = Field(
+        default=DEFAULT_RETENTION_DAYS[Kind.MANHOLE], ge=1, le=36_500
+    )
+    api_retention_wastebin_days: int = Field(
+        default=DEFAULT_RETENTION_DAYS[Kind.WASTEBIN], ge=1, le=36_500
+    )
+    api_retention_parking_days: int = Field(
+        default=DEFAULT_RETENTION_DAYS[Kind.PARKING], ge=1, le=36_500
+    )
+
+    # MQTT credentials (Mosquitto password file; see provisioning.py).
+    mqtt_password_file: Path | None = Field(
+        default=None, description="The file the broker reads (service accounts + devices)."
+    )
+    mqtt_service_password_file: Path | None = None
+    mqtt_device_password_file: Path | None = None
+    mqtt_password_lock_file: Path | None = None
+    mqtt_broker_pid_file: Path | None = None
+    mqtt_password_iterations: int = Field(default=101, ge=1, le=1_000_000)
+
+    # Limits.
+    api_import_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    api_import_max_rows: int = Field(default=100_000, ge=1, le=1_000_000)
+    api_stream_queue_max: int = Field(default=1000, ge=10, le=100_000)
+    api_stream_heartbeat_s: float = Field(default=15.0, gt=0, le=300)
+
+    def retention_days(self) -> dict[Kind, int]:
+        """Days of history kept per kind."""
+        return {
+            Kind.STREETLIGHT: self.api_retention_streetlight_days,
+            Kind.MANHOLE: self.api_retention_manhole_days,
+            Kind.WASTEBIN: self.api_retention_wastebin_days,
+            Kind.PARKING: self.api_retention_parking_days,
+        }
