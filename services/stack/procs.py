@@ -108,6 +108,11 @@ def running_pid(paths: StackPaths, spec: ServerSpec) -> int | None:
     if pid is None:
         return None
     cmdline = _cmdline(pid)
+    # right after exec() the kernel shows an empty cmdline for a moment: look again, bounded
+    deadline = time.monotonic() + 1.0
+    while cmdline == "" and time.monotonic() < deadline:
+        time.sleep(0.01)
+        cmdline = _cmdline(pid)
     if cmdline is None or spec.marker not in cmdline or _is_zombie(pid):
         pid_file.unlink(missing_ok=True)
         return None
