@@ -30,6 +30,7 @@ from cityops.api.provisioning import BrokerFiles, CredentialStore
 from cityops.api.publisher import EventPublisher
 from cityops.api.settings import ApiSettings
 from cityops.api.stream import Broadcaster
+from cityops.common.city_metrics import run_city_metrics
 from cityops.common.kafka import ensure_topics
 from cityops.common.logs import configure_logging
 from cityops.common.ops import stop_on_signals
@@ -225,7 +226,9 @@ async def running_service(
             server_header=False,
         )
         server = _Server(config)
-        yield server, context
+        # city-domain gauges (cityops_city_*), refreshed from PostgreSQL on a timer
+        async with run_city_metrics(pool, registry=registry):
+            yield server, context
     finally:
         stop.set()
         await context.broadcaster.close()
