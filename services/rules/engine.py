@@ -1,8 +1,10 @@
 """The rule engine: per-device state plus an event (reading, status, timer) gives decisions.
 
 Pure: no I/O and no clock. Times are float epoch seconds passed in by the caller: a reading's
-own `ts` for conditions and durations (so a replay decides exactly as the first run did), the
-arrival time (`received_at`) for liveness, and the caller's wall clock for timers.
+arrival time (`received_at`, stamped by ingest and carried in the record, so a replay decides
+exactly as the first run did) for conditions, durations and liveness, and the caller's wall
+clock for timers. The sensor's own `ts` orders readings (with `seq`) and is kept in details;
+it is not trusted for durations because device clocks drift.
 
 Decisions are `Raise` (open a ticket, or count one more occurrence on the open one), `Clear`
 (auto-resolve) and `Escalate`. Timer requests go to the caller's deadline heap.
@@ -66,7 +68,7 @@ class StatusObservation:
 
 @dataclass(slots=True)
 class Pending:
-    """A duration rule whose raise condition holds since `since` (reading time)."""
+    """A duration rule whose raise condition holds since `since` (arrival time)."""
 
     since: float
     details: dict[str, Any]
@@ -101,6 +103,11 @@ class DeviceState:
     last_status_offset: int = -1
     pending: dict[str, Pending] = field(default_factory=dict)
     open: dict[str, OpenTicket] = field(default_factory=dict)
+    # what the database holds: the write fence (a replica whose copy is stale must not write)
+    # and how fresh the stored last_seen_at is
+    persisted: bool = False
+    persisted_seq: int = -1
+    persisted_status_offset: int = -1
     persisted_seen: float = 0.0
 
 
@@ -153,10 +160,18 @@ class Effects:
     """What a batch of engine calls asks for: decisions, timers, and states to persist."""
 
     decisions: list[Decision] = field(default_factory=list)
-    timers: list[tuple[TimerKey, float]] = field(default_factory=list)
-    cancels: list[TimerKey] = field(default_factory=list)
+    # timer changes in the order they were asked for; a None deadline cancels
+    timers: list[tuple[TimerKey, float | None]] = field(default_factory=list)
     dirty: dict[str, DeviceState] = field(default_factory=dict)
     evaluations: int = 0
+
+    def schedule(self, key: TimerKey, deadline: float) -> None:
+        """Ask for a timer at `deadline`."""
+        self.timers.append((key, deadline))
+
+    def cancel(self, key: TimerKey) -> None:
+        """Ask for a timer to be forgotten."""
+        self.timers.append((key, None))
 
     def touch(self, state: DeviceState) -> None:
         """`state` changed in a way that must be persisted with this batch."""
@@ -220,10 +235,10 @@ def _heard(state: DeviceState, profile: Profile, at: float, fx: Effects) -> None
     if offline.id in state.open:
         del state.open[offline.id]
         fx.decisions.append(Clear(state.device_id, offline.id, at, {"reason": "heard_from"}))
-        fx.cancels.append((ESCALATE, state.device_id, offline.id))
+        fx.cancel((ESCALATE, state.device_id, offline.id))
         fx.touch(state)
-    fx.timers.append(
-        ((OFFLINE, state.device_id, ""), state.last_seen + offline.intervals * profile.interval_s)
+    fx.schedule(
+        (OFFLINE, state.device_id, ""), state.last_seen + offline.intervals * profile.interval_s
     )
 
 
@@ -260,28 +275,28 @@ def _evaluate(
 ) -> None:
     assert rule.raise_when is not None
     holds = rule.raise_when.evaluate(obs.fields)
-    if holds and rule.spec.schedule == "dusk_dawn" and not is_dark(obs.ts):
+    if holds and rule.spec.schedule == "dusk_dawn" and not is_dark(obs.received_at):
         holds = False
     pending = state.pending.get(rule.id)
     if holds:
         if rule.id in state.open or rule.for_s is None:
             if pending is not None:
                 del state.pending[rule.id]
-                fx.cancels.append((DURATION, state.device_id, rule.id))
-            _raise(state, profile, rule, at=obs.ts, details=obs.details(), fx=fx)
+                fx.cancel((DURATION, state.device_id, rule.id))
+            _raise(state, profile, rule, at=obs.received_at, details=obs.details(), fx=fx)
         elif pending is None:
-            state.pending[rule.id] = Pending(obs.ts, obs.details())
-            fx.timers.append(((DURATION, state.device_id, rule.id), obs.ts + rule.for_s))
+            state.pending[rule.id] = Pending(obs.received_at, obs.details())
+            fx.schedule((DURATION, state.device_id, rule.id), obs.received_at + rule.for_s)
             fx.touch(state)
-        elif obs.ts - pending.since >= rule.for_s:
+        elif obs.received_at - pending.since >= rule.for_s:
             del state.pending[rule.id]
-            fx.cancels.append((DURATION, state.device_id, rule.id))
+            fx.cancel((DURATION, state.device_id, rule.id))
             details = {**obs.details(), "since": iso(pending.since)}
-            _raise(state, profile, rule, at=obs.ts, details=details, fx=fx)
+            _raise(state, profile, rule, at=obs.received_at, details=details, fx=fx)
         return
     if holds is False and pending is not None:
         del state.pending[rule.id]
-        fx.cancels.append((DURATION, state.device_id, rule.id))
+        fx.cancel((DURATION, state.device_id, rule.id))
         fx.touch(state)
     if (
         rule.id in state.open
@@ -289,8 +304,8 @@ def _evaluate(
         and rule.clear_when.evaluate(obs.fields)
     ):
         del state.open[rule.id]
-        fx.decisions.append(Clear(state.device_id, rule.id, obs.ts, obs.details()))
-        fx.cancels.append((ESCALATE, state.device_id, rule.id))
+        fx.decisions.append(Clear(state.device_id, rule.id, obs.received_at, obs.details()))
+        fx.cancel((ESCALATE, state.device_id, rule.id))
         fx.touch(state)
 
 
@@ -304,7 +319,7 @@ def on_status(state: DeviceState, profile: Profile, status: StatusObservation, f
         return Seen.PROCESSED
     offline = profile.offline
     if offline is not None:
-        fx.cancels.append((OFFLINE, state.device_id, ""))
+        fx.cancel((OFFLINE, state.device_id, ""))
         details = {"reason": "status", "online": False, "received_at": iso(status.received_at)}
         _raise(state, profile, offline, at=status.received_at, details=details, fx=fx)
     return Seen.PROCESSED
@@ -317,7 +332,7 @@ def on_offline_due(state: DeviceState, profile: Profile, now: float, fx: Effects
         return
     deadline = state.last_seen + offline.intervals * profile.interval_s
     if now < deadline:
-        fx.timers.append(((OFFLINE, state.device_id, ""), deadline))
+        fx.schedule((OFFLINE, state.device_id, ""), deadline)
         return
     details = {
         "reason": "silent",
@@ -342,7 +357,7 @@ def on_duration_due(
         return
     due = pending.since + rule.for_s
     if now < due:
-        fx.timers.append(((DURATION, state.device_id, rule_id), due))
+        fx.schedule((DURATION, state.device_id, rule_id), due)
         return
     del state.pending[rule_id]
     fx.touch(state)
@@ -359,7 +374,7 @@ def on_escalation_due(state: DeviceState, rule_id: str, now: float, fx: Effects)
         return
     due = ticket.next_escalation_at()
     if now < due:
-        fx.timers.append(((ESCALATE, state.device_id, rule_id), due))
+        fx.schedule((ESCALATE, state.device_id, rule_id), due)
         return
     if ticket.priority is Priority.P1 and ticket.escalations > 0:
         return  # already at the top; the first breach was recorded

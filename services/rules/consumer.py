@@ -1,0 +1,620 @@
+"""The rules worker: consume readings and status, evaluate, write tickets, commit, publish.
+
+One task drives everything: `getmany` waits for records or the next deadline, a batch is
+evaluated in memory, its effects are written in one PostgreSQL transaction, then the Kafka
+offsets are committed, then the ticket events are produced (from the outbox). A rebalance
+waits for the batch in flight (a lock), state is persisted for revoked partitions and
+loaded for assigned ones. A database failure rolls the replica back to the database: state
+is reloaded and the consumer rewinds to its committed offsets.
+
+Which writes need per-device seq in the database? Only the ones that change something:
+a batch persists the state of the devices it changed (tickets, duration timers) with their
+last seq, in the same transaction, so a replay cannot count an occurrence twice. Readings
+that change nothing are not written: after a crash they are re-read from the committed
+offset and decide nothing again. The arrival time of the last message, needed by offline
+timers, is persisted at most every half reporting interval per device (and exactly at a
+revocation or a clean shutdown), and restored deadlines are pushed back by that much, so a
+crash can delay an offline ticket by half an interval but never raise a false one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter as Tally
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from cityops.common.events import decode_status
+from cityops.common.kinds import KINDS, Kind, Priority
+from cityops.common.registry import DEFAULT_REPORTING_INTERVAL_S, Device, load_devices
+from cityops.rules import engine, store
+from cityops.rules.config import RuleSet
+from cityops.rules.engine import (
+    DURATION,
+    ESCALATE,
+    OFFLINE,
+    DeviceState,
+    DuskDawn,
+    Effects,
+    Escalate,
+    Observation,
+    OpenTicket,
+    Seen,
+    StatusObservation,
+)
+from cityops.rules.metrics import RulesMetrics
+from cityops.rules.profiles import UNASSIGNED_DISTRICT, Profile, ProfileBook
+from cityops.rules.publisher import TicketPublisher, outbox_events
+from cityops.rules.settings import RulesSettings
+from cityops.rules.timers import DeadlineHeap, TimerKey
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "sys"
+_REGISTRY = (SYSTEM, "registry", "")
+_GAUGE = (SYSTEM, "gauge", "")
+_SWEEP = (SYSTEM, "outbox", "")
+_MAX_WAIT_S = 1.0
+_MAX_BACKOFF_S = 5.0
+_ENVELOPE = ("device_id", "kind", "seq", "ts", "received_at", "ingest_id")
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class BadRecordError(ValueError):
+    """A record on an input topic that is not a reading or status message."""
+
+
+def decode_observation(value: bytes | None) -> Observation:
+    """A `city.telemetry.v1` value as an Observation (ingest validated the reading already)."""
+    if value is None:
+        raise BadRecordError("empty record")
+    try:
+        body = orjson.loads(value)
+        device_id, kind, seq = body["device_id"], body["kind"], body["seq"]
+        ts = datetime.fromisoformat(body["ts"]).timestamp()
+        received_at = datetime.fromisoformat(body["received_at"]).timestamp()
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise BadRecordError(f"not a telemetry record: {exc}") from exc
+    if not isinstance(device_id, str) or kind not in KINDS or type(seq) is not int or seq < 0:
+        raise BadRecordError("bad device_id, kind or seq")
+    for name in _ENVELOPE:
+        body.pop(name, None)
+    return Observation(device_id, Kind(kind), seq, ts, received_at, body)
+
+
+def decode_status_observation(value: bytes | None, offset: int) -> StatusObservation:
+    """A `city.status.v1` value as a StatusObservation."""
+    if value is None:
+        raise BadRecordError("empty record")
+    try:
+        event = decode_status(value)
+    except ValueError as exc:
+        raise BadRecordError(f"not a status record: {exc}") from exc
+    return StatusObservation(
+        event.device_id, event.kind, event.online, event.received_at.timestamp(), offset
+    )
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, worker: RulesWorker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        await self._worker.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        await self._worker.on_assigned(assigned)
+
+
+class RulesWorker:
+    """Owns the in-memory state of its partitions and the consume-evaluate-commit loop."""
+
+    def __init__(
+        self,
+        *,
+        settings: RulesSettings,
+        ruleset: RuleSet,
+        pool: asyncpg.Pool,
+        consumer: AIOKafkaConsumer,
+        publisher: TicketPublisher,
+        metrics: RulesMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._consumer = consumer
+        self._publisher = publisher
+        self._metrics = metrics
+        self._clock = clock
+        self._book = ProfileBook(ruleset)
+        self._dark = DuskDawn(lat=settings.city_lat, lon=settings.city_lon, tz=settings.city_tz)
+        self._topics = (settings.topic_telemetry, settings.topic_status)
+        self._lock = asyncio.Lock()
+        self._timers = DeadlineHeap()
+        self._states: dict[str, DeviceState] = {}
+        self._profiles: dict[str, Profile] = {}
+        self._devices: dict[str, Device] = {}
+        self._districts: dict[str, dict[str, Any]] = {}
+        self._registry_seen: datetime | None = None
+        self._registry_miss_at = 0.0
+        self._owned: set[int] = set()
+        self._lagging: set[int] = set()
+        self._deferred: dict[int, list[TimerKey]] = defaultdict(list)
+        self._generation = 0
+        self._joined = False
+        self._db_ok = False
+        self._kafka_ok = False
+        self.processed = 0
+        self.batches = 0
+
+    # Readiness and lifecycle ----------------------------------------------------------------
+
+    def readiness(self) -> dict[str, bool]:
+        """Dependencies as /readyz reports them."""
+        return {"database": self._db_ok, "kafka": self._kafka_ok, "group_joined": self._joined}
+
+    def listener(self) -> ConsumerRebalanceListener:
+        """The rebalance listener to subscribe with."""
+        return _Listener(self)
+
+    async def start(self) -> None:
+        """Load the registry and schedule the housekeeping timers."""
+        await self._refresh_registry(full=True)
+        self._db_ok = True
+        now = self._clock()
+        self._timers.schedule(_GAUGE, now)
+        self._timers.schedule(_SWEEP, now)
+        self._timers.schedule(_REGISTRY, now + self._settings.rules_registry_refresh_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set; the batch in flight is finished and committed."""
+        backoff = 0.1
+        while not stop.is_set():
+            generation = self._generation
+            try:
+                batch = await self._consumer.getmany(
+                    timeout_ms=int(self._wait_s() * 1000),
+                    max_records=self._settings.rules_batch_max,
+                )
+                self._kafka_ok = True
+            except KafkaError as exc:
+                self._kafka_ok = False
+                self._metrics.errors.labels("kafka").inc()
+                log.warning(
+                    "kafka fetch failed, backing off: %s", exc, extra={"backoff_s": backoff}
+                )
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                continue
+            try:
+                async with self._lock:
+                    if generation != self._generation:
+                        # A rebalance ran while fetching: state was reloaded, so rewind to
+                        # what the database and the committed offsets agree on.
+                        await self._rewind()
+                        continue
+                    await self._batch(batch)
+                backoff = 0.1
+            except (*_DB_ERRORS, store.StateConflictError) as exc:
+                self._db_ok = isinstance(exc, store.StateConflictError)
+                self._metrics.errors.labels("database").inc()
+                log.warning("batch failed, reloading state: %s", exc, extra={"backoff_s": backoff})
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                await self._recover(stop)
+
+    async def close(self) -> None:
+        """Persist liveness of every held device (so offline timers restart exactly)."""
+        async with self._lock:
+            try:
+                await self._flush_seen(list(self._states.values()))
+            except (*_DB_ERRORS, store.StateConflictError) as exc:
+                log.warning("could not persist device liveness at shutdown: %s", exc)
+
+    # Rebalance ----------------------------------------------------------------------------
+
+    async def on_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        """Finish the batch in flight (the lock), persist liveness of the revoked devices."""
+        async with self._lock:
+            partitions = {tp.partition for tp in revoked}
+            held = [s for s in self._states.values() if s.partition in partitions]
+            try:
+                await self._flush_seen(held)
+            except (*_DB_ERRORS, store.StateConflictError) as exc:
+                log.warning("could not persist liveness of revoked devices: %s", exc)
+            log.info("partitions revoked", extra={"partitions": sorted(partitions)})
+
+    async def on_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        """Release partitions no longer owned, load state of the newly owned ones."""
+        async with self._lock:
+            self._generation += 1
+            partitions = {tp.partition for tp in assigned if tp.topic in self._topics}
+            self._release(self._owned - partitions)
+            fresh = partitions - self._owned
+            self._owned = partitions
+            self._lagging = set(partitions)  # until a fetch shows them caught up
+            if fresh:
+                await self._load(fresh)
+            self._joined = True
+            log.info(
+                "partitions assigned",
+                extra={"partitions": sorted(partitions), "devices": len(self._states)},
+            )
+
+    def _release(self, partitions: Iterable[int]) -> None:
+        gone = set(partitions)
+        if not gone:
+            return
+        for device_id, state in list(self._states.items()):
+            if state.partition in gone:
+                for key in engine.forget_timers(state):
+                    self._timers.cancel(key)
+                del self._states[device_id]
+        for partition in gone:
+            self._deferred.pop(partition, None)
+        self._metrics.devices.set(len(self._states))
+
+    async def _load(self, partitions: Collection[int]) -> None:
+        states = await store.load_states(self._pool, partitions=sorted(partitions))
+        for state in states:
+            self._states[state.device_id] = state
+            self._schedule_restored(state)
+        self._metrics.devices.set(len(self._states))
+
+    def _schedule_restored(self, state: DeviceState) -> None:
+        profile = self._profile(state.device_id, state.kind)
+        silent_after = profile.offline_after_s
+        if silent_after is not None and state.last_seen > 0:
+            # the stored liveness may be up to half an interval old: never fire early
+            slack = profile.interval_s / 2
+            self._timers.schedule(
+                (OFFLINE, state.device_id, ""), state.last_seen + silent_after + slack
+            )
+        for rule_id, pending in state.pending.items():
+            rule = profile.by_id.get(rule_id)
+            for_s = rule.for_s if rule is not None and rule.for_s is not None else 0.0
+            self._timers.schedule((DURATION, state.device_id, rule_id), pending.since + for_s)
+        for rule_id, ticket in state.open.items():
+            self._timers.schedule((ESCALATE, state.device_id, rule_id), ticket.next_escalation_at())
+
+    async def _rewind(self) -> None:
+        owned = [tp for tp in self._consumer.assignment() if tp.topic in self._topics]
+        if owned:
+            await self._consumer.seek_to_committed(*owned)
+
+    async def _recover(self, stop: asyncio.Event) -> None:
+        """Drop in-memory state, reload it from the database and rewind to committed offsets."""
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                async with self._lock:
+                    owned = set(self._owned)
+                    self._release(owned)
+                    await self._load(owned)
+                    await self._rewind()
+                    self._lagging = set(owned)
+            except (*_DB_ERRORS, KafkaError) as exc:
+                self._db_ok = False
+                log.warning("reload failed, retrying: %s", exc, extra={"backoff_s": backoff})
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            else:
+                self._db_ok = True
+                log.info("state reloaded", extra={"devices": len(self._states)})
+                return
+
+    # Profiles ------------------------------------------------------------------------------
+
+    def _profile(self, device_id: str, kind: Kind) -> Profile:
+        profile = self._profiles.get(device_id)
+        if profile is not None and profile.kind is kind:
+            return profile
+        device = self._devices.get(device_id)
+        if device is None or device.kind is not kind:
+            self._registry_miss_at = self._registry_miss_at or self._clock()
+            profile, _ = self._book.profile(
+                kind=kind, interval_s=float(DEFAULT_REPORTING_INTERVAL_S[kind])
+            )
+            return profile  # not cached: the registry refresh will know the device
+        return self._build_profile(device)
+
+    def _build_profile(self, device: Device) -> Profile:
+        district = device.district or UNASSIGNED_DISTRICT
+        profile, problems = self._book.profile(
+            kind=device.kind,
+            district=district,
+            zone=device.zone,
+            interval_s=float(device.interval_s),
+            device_metadata=device.metadata,
+            district_metadata=self._districts.get(district),
+        )
+        if problems:
+            self._metrics.override_problems.inc(len(problems))
+            log.warning(
+                "ignored invalid rule overrides",
+                extra={"device_id": device.device_id, "problems": problems[:10]},
+            )
+        self._profiles[device.device_id] = profile
+        return profile
+
+    async def _refresh_registry(self, *, full: bool = False) -> None:
+        districts = await store.load_district_metadata(self._pool)
+        districts_changed = districts != self._districts
+        self._districts = districts
+        devices = await load_devices(
+            self._pool, changed_since=None if full else self._registry_seen
+        )
+        for device in devices:
+            self._devices[device.device_id] = device
+            if device.updated_at is not None and (
+                self._registry_seen is None or device.updated_at > self._registry_seen
+            ):
+                self._registry_seen = device.updated_at
+        changed = self._devices.values() if districts_changed else devices
+        for device in changed:
+            if device.device_id in self._profiles or device.device_id in self._states:
+                profile = self._build_profile(device)
+                state = self._states.get(device.device_id)
+                if state is not None and profile.offline_after_s and state.last_seen > 0:
+                    key = (OFFLINE, device.device_id, "")
+                    if key in self._timers:
+                        self._timers.schedule(key, state.last_seen + profile.offline_after_s)
+        self._registry_miss_at = 0.0
+        if devices or districts_changed:
+            log.info(
+                "registry refreshed",
+                extra={"devices_changed": len(devices), "districts_changed": districts_changed},
+            )
+
+    # The batch ------------------------------------------------------------------------------
+
+    def _wait_s(self) -> float:
+        deadline = self._timers.next_deadline()
+        if deadline is None:
+            return _MAX_WAIT_S
+        return min(max(deadline - self._clock(), 0.0), _MAX_WAIT_S)
+
+    async def _batch(self, batch: Mapping[TopicPartition, list[ConsumerRecord]]) -> None:
+        started = time.perf_counter()
+        fx = Effects()
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        outcomes: Tally[tuple[str, str]] = Tally()
+        oldest = float("inf")
+        records = 0
+        for tp, messages in batch.items():
+            if not messages or tp.partition not in self._owned:
+                continue
+            status = tp.topic == self._settings.topic_status
+            topic_label = "status" if status else "telemetry"
+            for message in messages:
+                outcome = self._apply(message, status=status, fx=fx)
+                outcomes[(topic_label, outcome)] += 1
+            records += len(messages)
+            offsets[tp] = OffsetAndMetadata(messages[-1].offset + 1, "")
+            oldest = min(oldest, messages[0].timestamp / 1000)
+        await self._update_lag()
+        if self._registry_miss_at and self._clock() - self._registry_miss_at > 5.0:
+            await self._refresh_registry()
+        self._fire_timers(self._clock(), fx)
+        if offsets or fx.decisions or fx.dirty or fx.timers:
+            await self._commit(fx, offsets)
+        for (topic, outcome), count in outcomes.items():
+            self._metrics.events.labels(topic, outcome).inc(count)
+        if records:
+            self.processed += records
+            self.batches += 1
+            self._metrics.evaluations.inc(fx.evaluations)
+            self._metrics.batch_size.observe(records)
+            self._metrics.batch_duration.observe(time.perf_counter() - started)
+            self._metrics.processing_latency.observe(max(self._clock() - oldest, 0.0))
+        self._metrics.timers.set(len(self._timers))
+
+    def _apply(self, message: ConsumerRecord, *, status: bool, fx: Effects) -> str:
+        try:
+            if status:
+                event = decode_status_observation(message.value, message.offset)
+            else:
+                obs = decode_observation(message.value)
+        except BadRecordError as exc:
+            log.warning(
+                "skipped a record that is not a valid event: %s",
+                exc,
+                extra={
+                    "topic": message.topic,
+                    "partition": message.partition,
+                    "offset": message.offset,
+                },
+            )
+            return "invalid"
+        device_id, kind = (event.device_id, event.kind) if status else (obs.device_id, obs.kind)
+        state = self._states.get(device_id)
+        if state is None:
+            state = DeviceState(device_id, kind, message.partition)
+            self._states[device_id] = state
+            fx.touch(state)
+        profile = self._profile(device_id, kind)
+        if status:
+            seen = engine.on_status(state, profile, event, fx)
+        else:
+            seen = engine.on_reading(state, profile, obs, self._dark.is_dark, fx)
+        if seen is not Seen.DUPLICATE and state.last_seen - state.persisted_seen >= (
+            profile.interval_s / 2
+        ):
+            fx.touch(state)
+        return seen.value
+
+    async def _update_lag(self) -> None:
+        lag: Tally[str] = Tally()
+        lagging: set[int] = set()
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            position = await self._consumer.position(tp)
+            behind = (highwater - position) if highwater is not None else 1
+            lag[tp.topic] += max(behind, 0)
+            if behind > 0:
+                lagging.add(tp.partition)
+        caught_up = self._lagging - lagging
+        self._lagging = lagging
+        now = self._clock()
+        for partition in caught_up:
+            for key in self._deferred.pop(partition, []):
+                self._timers.schedule(key, now)
+        self._metrics.consumer_lag.labels("telemetry").set(lag[self._settings.topic_telemetry])
+        self._metrics.consumer_lag.labels("status").set(lag[self._settings.topic_status])
+
+    def _fire_timers(self, now: float, fx: Effects) -> None:
+        for key in self._timers.pop_due(now):
+            timer, device_id, rule_id = key
+            if timer == SYSTEM:
+                fx.schedule(key, now)  # housekeeping runs after the commit
+                continue
+            state = self._states.get(device_id)
+            if state is None:
+                continue
+            if state.partition in self._lagging:
+                # Records of this device may still be queued: decide after catching up.
+                self._deferred[state.partition].append(key)
+                continue
+            self._metrics.timers_fired.labels(timer).inc()
+            profile = self._profile(device_id, state.kind)
+            if timer == OFFLINE:
+                engine.on_offline_due(state, profile, now, fx)
+            elif timer == DURATION:
+                engine.on_duration_due(
+                    state, profile, rule_id, now=now, is_dark=self._dark.is_dark, fx=fx
+                )
+            elif timer == ESCALATE:
+                engine.on_escalation_due(state, rule_id, now, fx)
+
+    async def _commit(
+        self, fx: Effects, offsets: Mapping[TopicPartition, OffsetAndMetadata]
+    ) -> None:
+        steps = engine.plan_steps(fx.decisions)
+        dirty = list(fx.dirty.values())
+        events = []
+        changes: list[list[store.Change]] = []
+        if dirty or steps:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await store.save_states(conn, states=dirty)
+                for step in steps:
+                    step_changes = await store.apply_step(conn, step=step)
+                    changes.append(step_changes)
+                    events += await store.record_transitions(conn, changes=step_changes)
+            store.mark_saved(dirty)
+            self._db_ok = True
+        for step, step_changes in zip(steps, changes, strict=True):
+            self._learn(step, step_changes)
+        housekeeping = []
+        for key, deadline in fx.timers:
+            if deadline is None:
+                self._timers.cancel(key)
+            elif key[0] == SYSTEM:
+                housekeeping.append(key)
+            else:
+                self._timers.schedule(key, deadline)
+        if offsets:
+            try:
+                await self._consumer.commit(dict(offsets))
+            except CommitFailedError as exc:
+                # The database already holds this batch; the new owner replays it harmlessly.
+                log.warning("offset commit failed after a rebalance: %s", exc)
+        if events:
+            try:
+                await self._publisher.publish(outbox_events(events))
+            except (KafkaError, *_DB_ERRORS) as exc:
+                self._metrics.errors.labels("kafka").inc()
+                log.warning("ticket events stay in the outbox for the next sweep: %s", exc)
+        for key in housekeeping:
+            await self._housekeeping(key)
+
+    def _learn(self, step: engine.Step, changes: Sequence[store.Change]) -> None:
+        """Update the open-ticket view from what the database did."""
+        for change in changes:
+            row = change.ticket
+            state = self._states.get(row["device_id"])
+            rule, priority = row["rule"], row["priority"]
+            if change.action == "opened":
+                self._metrics.tickets_opened.labels(rule, priority).inc()
+            elif change.action == "occurrence":
+                raised = step.raises.get((row["device_id"], rule))
+                self._metrics.occurrences.labels(rule).inc(raised[1] if raised else 1)
+            elif change.action == "auto_resolved":
+                self._metrics.tickets_resolved.labels(rule, priority).inc()
+            elif change.action == "escalated":
+                self._metrics.tickets_escalated.labels(rule, priority).inc()
+            if state is None:
+                continue
+            if change.action == "auto_resolved":
+                ticket = state.open.get(rule)
+                if ticket is not None and ticket.ticket_id in {None, row["id"]}:
+                    del state.open[rule]
+                continue
+            ticket = OpenTicket(
+                ticket_id=row["id"],
+                priority=Priority(priority),
+                opened_at=row["opened_at"].timestamp(),
+                due_at=row["due_at"].timestamp(),
+                escalations=row["escalations"],
+            )
+            state.open[rule] = ticket
+            self._timers.schedule((ESCALATE, state.device_id, rule), ticket.next_escalation_at())
+        escalated = {c.ticket["id"] for c in changes if c.action == "escalated"}
+        for decision in step.escalations.values():
+            if decision.ticket_id not in escalated:
+                self._forget_ticket(decision)
+
+    def _forget_ticket(self, decision: Escalate) -> None:
+        # Resolved by an operator (or escalated elsewhere): no longer ours to escalate.
+        state = self._states.get(decision.device_id)
+        ticket = state.open.get(decision.rule_id) if state else None
+        if state is not None and ticket is not None and ticket.ticket_id == decision.ticket_id:
+            del state.open[decision.rule_id]
+            self._timers.cancel((ESCALATE, decision.device_id, decision.rule_id))
+
+    async def _housekeeping(self, key: TimerKey) -> None:
+        now = self._clock()
+        try:
+            if key == _REGISTRY:
+                await self._refresh_registry()
+            elif key == _GAUGE:
+                counts = await store.open_ticket_counts(self._pool)
+                self._metrics.open_tickets.clear()
+                for (district, priority), count in counts.items():
+                    self._metrics.open_tickets.labels(district, priority).set(count)
+            elif key == _SWEEP:
+                await self._publisher.sweep(older_than_s=self._settings.rules_outbox_sweep_s)
+        except (KafkaError, *_DB_ERRORS) as exc:
+            log.warning("housekeeping %s failed: %s", key[1], exc)
+        period = {
+            _REGISTRY: self._settings.rules_registry_refresh_s,
+            _GAUGE: self._settings.rules_gauge_refresh_s,
+            _SWEEP: self._settings.rules_outbox_sweep_s,
+        }[key]
+        self._timers.schedule(key, now + period)
+
+    async def _flush_seen(self, states: Sequence[DeviceState]) -> None:
+        stale = [s for s in states if s.last_seen > s.persisted_seen]
+        if not stale:
+            return
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.save_states(conn, states=stale)
+        store.mark_saved(stale)
+        log.info("persisted device liveness", extra={"devices": len(stale)})
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    """Back off for `seconds`, returning early when `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -1,0 +1,201 @@
+"""`cityops rules`: the rules / ticketing service (issue 4).
+
+Reads `city.telemetry.v1` and `city.status.v1` as consumer group CITYOPS_RULES_GROUP, keeps
+tickets in PostgreSQL and publishes every transition to `city.tickets.v1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from cityops.common.kafka import ensure_topics
+from cityops.common.logs import configure_logging
+from cityops.common.ops import serve_ops, stop_on_signals
+from cityops.rules.config import RuleFileError, RuleSet, load_rules
+from cityops.rules.consumer import RulesWorker
+from cityops.rules.metrics import create_metrics
+from cityops.rules.publisher import TicketPublisher
+from cityops.rules.settings import RulesSettings
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The service cannot start with this configuration."""
+
+
+async def _check_copartitioned(settings: RulesSettings) -> None:
+    # A device's readings and status must land on one replica: the range assignor gives
+    # partition n of both topics to the same member only when the counts match.
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([settings.topic_telemetry, settings.topic_status])
+    finally:
+        await admin.close()
+    counts = {t["topic"]: len(t.get("partitions") or ()) for t in described}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise StartupError(f"telemetry and status topics need equal partition counts: {counts}")
+
+
+async def run(
+    settings: RulesSettings,
+    ruleset: RuleSet,
+    *,
+    stop: asyncio.Event,
+    registry: CollectorRegistry | None = None,
+    ready: asyncio.Event | None = None,
+) -> int:
+    """Run until `stop` is set; returns the process exit code."""
+    registry = registry or CollectorRegistry()
+    metrics = create_metrics(registry)
+    started = time.monotonic()
+    await ensure_topics(
+        settings.kafka_bootstrap,
+        topics=dict.fromkeys(
+            (settings.topic_telemetry, settings.topic_status, settings.topic_tickets),
+            settings.topic_partitions,
+        ),
+    )
+    try:
+        await _check_copartitioned(settings)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)  # noqa: TRY400 - the message is the whole story
+        return 2
+    pool = await asyncpg.create_pool(
+        settings.database_url.get_secret_value(),
+        min_size=settings.database_pool_min,
+        max_size=settings.database_pool_max,
+    )
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.rules_group,
+        client_id=f"rules-{settings.instance_id}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        partition_assignment_strategy=(RangePartitionAssignor,),
+        max_poll_records=settings.rules_batch_max,
+        fetch_max_bytes=settings.rules_fetch_max_bytes,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        session_timeout_ms=settings.rules_session_timeout_ms,
+        heartbeat_interval_ms=max(settings.rules_session_timeout_ms // 10, 100),
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=f"rules-{settings.instance_id}",
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+    )
+    publisher = TicketPublisher(
+        producer=producer, pool=pool, topic=settings.topic_tickets, metrics=metrics
+    )
+    worker = RulesWorker(
+        settings=settings,
+        ruleset=ruleset,
+        pool=pool,
+        consumer=consumer,
+        publisher=publisher,
+        metrics=metrics,
+    )
+    try:
+        async with serve_ops(
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+            registry=registry,
+            readiness=worker.readiness,
+        ) as server:
+            await producer.start()
+            await worker.start()
+            await consumer.start()
+            consumer.subscribe(
+                [settings.topic_telemetry, settings.topic_status], listener=worker.listener()
+            )
+            log.info(
+                "rules running",
+                extra={
+                    "group": settings.rules_group,
+                    "rules": len(ruleset.rules),
+                    "rules_file": ruleset.source,
+                    "ops_port": server.sockets[0].getsockname()[1],
+                },
+            )
+            if ready is not None:
+                ready.set()
+            await worker.run(stop)
+            # graceful: the batch in flight is done; persist liveness and leave the group
+            async with asyncio.timeout(settings.shutdown_timeout_s):
+                await worker.close()
+    finally:
+        with contextlib.suppress(Exception):  # best effort: each client closes on its own
+            await consumer.stop()
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        await pool.close()
+        log.info(
+            "rules stopped",
+            extra={
+                "events_processed": worker.processed,
+                "batches": worker.batches,
+                "uptime_s": round(time.monotonic() - started, 1),
+            },
+        )
+    return 0
+
+
+async def _main(settings: RulesSettings, ruleset: RuleSet) -> int:
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    return await run(settings, ruleset, stop=stop)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `cityops rules`."""
+    parser = argparse.ArgumentParser(prog="cityops rules", description=__doc__)
+    parser.add_argument(
+        "--check",
+        nargs="?",
+        const="",
+        metavar="RULE_FILE",
+        help="validate a rule file (default: the shipped one) and exit: 0 valid, 2 invalid",
+    )
+    args = parser.parse_args(argv)
+    if args.check is not None:
+        try:
+            checked = load_rules(Path(args.check) if args.check else None)
+        except RuleFileError as exc:
+            print(f"cityops rules: {exc}", file=sys.stderr)
+            return 2
+        print(f"{checked.source}: {len(checked.rules)} rules OK")
+        return 0
+    try:
+        settings = RulesSettings()  # fields come from the environment
+    except ValidationError as exc:
+        print(f"cityops rules: bad settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(
+        service="rules",
+        instance_id=settings.instance_id,
+        level=settings.log_level,
+        fmt=settings.log_format,
+    )
+    try:
+        ruleset = load_rules(settings.rules_file)
+    except RuleFileError as exc:
+        log.error("bad rule file: %s", exc)  # noqa: TRY400 - the message is the whole story
+        print(f"cityops rules: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_main(settings, ruleset))
