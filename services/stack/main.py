@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cityops.stack import kafka, mosquitto, packages, postgres, prometheus
+from cityops.stack import kafka, mosquitto, packages, postgres, prometheus, services
 from cityops.stack.credentials import (
     INGEST_USER,
     StackSecrets,
@@ -325,7 +325,15 @@ def cmd_reset(paths: StackPaths) -> int:
     return 0
 
 
-def _dispatch(command: str, paths: StackPaths, *, confirmed: bool) -> int:
+def _dispatch(
+    command: str, paths: StackPaths, *, confirmed: bool, action: str | None = None
+) -> int:
+    if command == "services":
+        return {
+            "up": services.cmd_services_up,
+            "down": services.cmd_services_down,
+            "status": services.cmd_services_status,
+        }[action or "status"](paths)
     if command == "status":
         return cmd_status(paths)
     if command == "env":
@@ -351,6 +359,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("down", help="stop the servers the stack started")
     commands.add_parser("status", help="one line per server: running and answering?")
     commands.add_parser("env", help="print the path of the CITYOPS_* env file")
+    svc = commands.add_parser(
+        "services", help="start/stop ingest, rules, api and a simulated city (make up)"
+    )
+    svc.add_argument("action", choices=("up", "down", "status"))
     reset = commands.add_parser("reset", help="down, then delete .stack (all data)")
     reset.add_argument("--yes", action="store_true", help="confirm deleting all stack data")
     return parser
@@ -364,7 +376,12 @@ def main(argv: list[str]) -> int:
     logging.getLogger("aiokafka").propagate = False
     paths = StackPaths(repo=repo_root())
     try:
-        return _dispatch(args.command, paths, confirmed=getattr(args, "yes", False))
+        return _dispatch(
+            args.command,
+            paths,
+            confirmed=getattr(args, "yes", False),
+            action=getattr(args, "action", None),
+        )
     except StackError as exc:
         print(f"cityops stack {args.command}: {exc}", file=sys.stderr)
         return 1
