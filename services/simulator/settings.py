@@ -1,0 +1,67 @@
+"""Settings of the simulator (`CITYOPS_*` environment variables); the fleet shape is CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+
+from cityops.common.settings import BaseServiceSettings
+
+
+class SimulatorSettings(BaseServiceSettings):
+    """Where to publish and where to provision the fleet."""
+
+    mqtt_url: str = Field(description="mqtt://host:port of the broker")
+    simulator_mqtt_username: str = Field(default="gateway", min_length=1, max_length=256)
+    simulator_mqtt_password: SecretStr | None = Field(
+        default=None, description="The gateway account's password (gateway mode)."
+    )
+    database_url: SecretStr | None = Field(
+        default=None, description="Provision straight into the registry when no API URL is set."
+    )
+    api_url: str | None = Field(
+        default=None, description="Provision through the API (POST /v1/devices:import) instead."
+    )
+    api_key: SecretStr | None = Field(default=None, description="An admin-scoped API key.")
+    api_bootstrap_key: SecretStr | None = Field(
+        default=None, description="Used when CITYOPS_API_KEY is not set."
+    )
+    # Per-device mode writes device credentials the way the API does (Mosquitto password file).
+    mqtt_password_file: Path | None = None
+    mqtt_service_password_file: Path | None = None
+    mqtt_device_password_file: Path | None = None
+    mqtt_broker_pid_file: Path | None = None
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"mqtt", "tcp"} or not parts.hostname:
+            raise ValueError("expected mqtt://host[:port]")
+        return value
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("expected http(s)://host[:port]")
+        return value.rstrip("/")
+
+    @property
+    def mqtt_host(self) -> str:
+        """Broker host name."""
+        return urlsplit(self.mqtt_url).hostname or "127.0.0.1"
+
+    @property
+    def mqtt_port(self) -> int:
+        """Broker port."""
+        return urlsplit(self.mqtt_url).port or 1883
+
+    def admin_key(self) -> SecretStr | None:
+        """The API key to provision with."""
+        return self.api_key or self.api_bootstrap_key

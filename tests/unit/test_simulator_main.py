@@ -1,0 +1,70 @@
+"""`cityops simulate` flags and settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from cityops.common.kinds import RejectReason
+from cityops.simulator.main import RunOptions, build_parser, options_from_args
+from cityops.simulator.settings import SimulatorSettings
+
+
+def options(*argv: str) -> RunOptions:
+    return options_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_demo_flags() -> None:
+    parsed = options(
+        "--devices-per-kind", "50", "--accelerate", "60", "--faults", "all", "--id-prefix", "demo-"
+    )
+    assert parsed.devices_per_kind == 50
+    assert parsed.accelerate == 60.0
+    assert parsed.faults == tuple(RejectReason)
+    assert parsed.rate is None and parsed.mode == "gateway"
+
+
+def test_custom_centre_keeps_a_time_zone() -> None:
+    parsed = options("--centre", "48.8566,2.3522", "--timezone", "Europe/Paris")
+    assert (parsed.place.lat, parsed.place.lon, parsed.place.timezone) == (
+        48.8566,
+        2.3522,
+        "Europe/Paris",
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--devices-per-kind", "0"], "devices-per-kind"),
+        (["--mode", "device", "--devices-per-kind", "5000"], "one connection per device"),
+        (["--connections", "0"], "connections"),
+    ],
+)
+def test_bad_flags_say_what_is_wrong(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        options(*argv)
+
+
+def test_bad_centre_and_rate_are_refused_by_the_parser() -> None:
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--centre", "95,2"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rate", "-3"])
+
+
+def test_settings_hide_secrets_and_check_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CITYOPS_MQTT_URL", "mqtt://127.0.0.1:1883")
+    monkeypatch.setenv("CITYOPS_SIMULATOR_MQTT_PASSWORD", "s3cret-gw")
+    monkeypatch.setenv("CITYOPS_API_URL", "http://127.0.0.1:8000/")
+    monkeypatch.setenv("CITYOPS_API_BOOTSTRAP_KEY", "boot-key")
+    monkeypatch.delenv("CITYOPS_API_KEY", raising=False)
+    settings = SimulatorSettings()
+    assert "s3cret-gw" not in repr(settings)
+    assert settings.api_url == "http://127.0.0.1:8000"
+    assert settings.mqtt_port == 1883
+    key = settings.admin_key()
+    assert key is not None and key.get_secret_value() == "boot-key"
+    monkeypatch.setenv("CITYOPS_MQTT_URL", "http://nope")
+    with pytest.raises(ValueError, match="mqtt://"):
+        SimulatorSettings()
