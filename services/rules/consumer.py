@@ -208,8 +208,11 @@ class RulesWorker:
                     await self._batch(batch)
                 backoff = 0.1
             except (*_DB_ERRORS, store.StateConflictError) as exc:
-                self._db_ok = isinstance(exc, store.StateConflictError)
-                self._metrics.errors.labels("database").inc()
+                if isinstance(exc, store.StateConflictError):
+                    self._metrics.state_conflicts.inc()
+                else:
+                    self._db_ok = False
+                    self._metrics.errors.labels("database").inc()
                 log.warning("batch failed, reloading state: %s", exc, extra={"backoff_s": backoff})
                 await _wait(stop, backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
