@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -36,6 +37,10 @@ async def _processed(database_url: str, device_id: str, seq: int) -> bool:
     return last == seq
 
 
+def _done(database_url: str, device_id: str, seq: int) -> Callable[[], Awaitable[bool]]:
+    return lambda: _processed(database_url, device_id, seq)
+
+
 async def test_fifty_triggers_two_replicas_then_a_replay_give_one_ticket(
     kafka_topics: Any, kafka_bootstrap: str, database_url: str
 ) -> None:
@@ -57,9 +62,7 @@ async def test_fifty_triggers_two_replicas_then_a_replay_give_one_ticket(
             await feed.readings(
                 reading(d, Kind.WASTEBIN, seq, fill_pct=95.0) for d in others for seq in (1, 2)
             )
-            await wait_for(
-                lambda: _processed(database_url, hot, 50), timeout=20, message="hot device done"
-            )
+            await wait_for(_done(database_url, hot, 50), timeout=20, message="hot device done")
             ticket = await wait_ticket(database_url, device_id=hot, rule="bin_full")
             assert ticket["occurrences"] == 50
             for device_id in others:
@@ -111,9 +114,7 @@ async def test_two_groups_racing_on_one_database_count_each_reading_once(
         ):
             for device_id in devices:
                 await wait_for(
-                    lambda d=device_id: _processed(database_url, d, 50),  # type: ignore[misc]
-                    timeout=30,
-                    message="all readings processed",
+                    _done(database_url, device_id, 50), timeout=30, message="all processed"
                 )
             conflicts = sum(
                 r.get_sample_value("cityops_rules_state_conflicts_total") or 0 for r in (a, b)
