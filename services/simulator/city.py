@@ -78,7 +78,7 @@ PLACES: dict[str, Place] = {
         ("midtown", "chelsea", "soho", "tribeca", "harlem", "upper-east", "upper-west"),
     ),
 }
-DEFAULT_PLACE = "barcelona"
+DEFAULT_PLACE = "amsterdam"  # the rules service's default city (CITYOPS_CITY_*)
 
 
 @dataclass(frozen=True, slots=True)

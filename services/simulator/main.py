@@ -140,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     city = parser.add_argument_group("city")
     city.add_argument("--devices-per-kind", type=int, default=50)
     city.add_argument("--districts", type=int, default=9)
-    city.add_argument("--city", choices=sorted(PLACES), default=DEFAULT_PLACE)
+    city.add_argument(
+        "--city",
+        choices=sorted(PLACES),
+        help=f"a preset city (default: CITYOPS_CITY_LAT/LON/TZ if set, else {DEFAULT_PLACE})",
+    )
     city.add_argument("--centre", type=_centre, help="LAT,LON overriding the city's centre")
     city.add_argument("--timezone", help="IANA zone for a custom --centre (e.g. Europe/Paris)")
     city.add_argument("--seed", type=int, default=1)
@@ -160,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-outstanding", type=int, default=1000, help="unacked QoS 1 bound")
     behaviour = parser.add_argument_group("behaviour")
     behaviour.add_argument(
-        "--faults", default="none", help="all, none, or a comma list of A5 reasons to inject"
+        "--faults",
+        nargs="?",
+        const="all",
+        default="none",
+        help="inject faults: all (the default when given without a value), none, or a comma "
+        "list of A5 reasons",
     )
     behaviour.add_argument("--fault-interval", type=_positive_float, default=20.0)
     behaviour.add_argument("--first-fault", type=float, default=5.0)
@@ -179,9 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options_from_args(args: argparse.Namespace) -> RunOptions:
-    """Validate flags into RunOptions; raises ValueError with a message for the user."""
-    place = PLACES[args.city]
+def options_from_args(args: argparse.Namespace, settings_place: Place | None = None) -> RunOptions:
+    """Validate flags into RunOptions; raises ValueError with a message for the user.
+
+    The city is, in order: --centre, --city, the rules service's CITYOPS_CITY_* settings
+    (`settings_place`, so lamp schedules agree), the default preset.
+    """
+    if args.city is not None:
+        place = PLACES[args.city]
+    elif settings_place is not None:
+        place = settings_place
+    else:
+        place = PLACES[DEFAULT_PLACE]
     if args.centre is not None:
         lat, lon = args.centre
         place = Place(
@@ -553,8 +571,8 @@ def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        options = options_from_args(args)
         settings = SimulatorSettings()  # values come from CITYOPS_* variables
+        options = options_from_args(args, settings.place())
     except (ValueError, FaultSpecError, ValidationError) as exc:
         parser.error(str(exc))
     configure_logging(

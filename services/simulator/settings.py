@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 
 from cityops.common.settings import BaseServiceSettings
+from cityops.simulator.city import PLACES, Place
 
 
 class SimulatorSettings(BaseServiceSettings):
@@ -28,6 +29,10 @@ class SimulatorSettings(BaseServiceSettings):
     api_bootstrap_key: SecretStr | None = Field(
         default=None, description="Used when CITYOPS_API_KEY is not set."
     )
+    # The same variables as the rules service, so lamp schedules agree; unset: --city decides.
+    city_lat: float | None = Field(default=None, ge=-90, le=90)
+    city_lon: float | None = Field(default=None, ge=-180, le=180)
+    city_tz: str | None = Field(default=None, max_length=64)
     # Per-device mode writes device credentials the way the API does (Mosquitto password file).
     mqtt_password_file: Path | None = None
     mqtt_service_password_file: Path | None = None
@@ -61,6 +66,20 @@ class SimulatorSettings(BaseServiceSettings):
     def mqtt_port(self) -> int:
         """Broker port."""
         return urlsplit(self.mqtt_url).port or 1883
+
+    def place(self) -> Place | None:
+        """The city centre from CITYOPS_CITY_LAT/LON/TZ, when both coordinates are set."""
+        if self.city_lat is None or self.city_lon is None:
+            return None
+        for preset in PLACES.values():
+            if (preset.lat, preset.lon) == (self.city_lat, self.city_lon):
+                return preset
+        return Place(
+            name=f"{self.city_lat:.4f},{self.city_lon:.4f}",
+            lat=self.city_lat,
+            lon=self.city_lon,
+            timezone=self.city_tz or "UTC",
+        )
 
     def admin_key(self) -> SecretStr | None:
         """The API key to provision with."""

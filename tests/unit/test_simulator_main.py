@@ -68,3 +68,23 @@ def test_settings_hide_secrets_and_check_urls(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("CITYOPS_MQTT_URL", "http://nope")
     with pytest.raises(ValueError, match="mqtt://"):
         SimulatorSettings()
+
+
+def test_bare_faults_flag_means_all() -> None:
+    assert options("--faults").faults == tuple(RejectReason)
+    assert options().faults == ()
+
+
+def test_the_city_follows_the_rules_settings_unless_a_flag_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CITYOPS_MQTT_URL", "mqtt://127.0.0.1:1883")
+    monkeypatch.setenv("CITYOPS_CITY_LAT", "48.8566")
+    monkeypatch.setenv("CITYOPS_CITY_LON", "2.3522")
+    monkeypatch.setenv("CITYOPS_CITY_TZ", "Europe/Paris")
+    place = SimulatorSettings().place()
+    assert place is not None and place.timezone == "Europe/Paris"
+    parser = build_parser()
+    assert options_from_args(parser.parse_args([]), place).place == place
+    assert options_from_args(parser.parse_args(["--city", "oslo"]), place).place.name == "Oslo"
+    assert options_from_args(parser.parse_args([])).place.name == "Amsterdam"
