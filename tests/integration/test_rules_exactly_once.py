@@ -34,7 +34,7 @@ async def _processed(database_url: str, device_id: str, seq: int) -> bool:
         )
     finally:
         await conn.close()
-    return last == seq
+    return bool(last == seq)
 
 
 def _done(database_url: str, device_id: str, seq: int) -> Callable[[], Awaitable[bool]]:
@@ -67,11 +67,7 @@ async def test_fifty_triggers_two_replicas_then_a_replay_give_one_ticket(
             assert ticket["occurrences"] == 50
             for device_id in others:
                 other = await wait_ticket(database_url, device_id=device_id, rule="bin_full")
-                await wait_for(
-                    lambda d=device_id: _processed(database_url, d, 2),
-                    timeout=20,  # type: ignore[misc]
-                    message="others done",
-                )
+                await wait_for(_done(database_url, device_id, 2), timeout=20, message="others done")
                 assert (await tickets(database_url, id=other["id"]))[0]["occurrences"] == 2
         # a new consumer group replays the whole topic into the same database
         async with running_worker(env.settings(rules_group=f"{env.group}-replay")) as registry:
