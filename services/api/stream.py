@@ -4,7 +4,8 @@ Every API replica must see every event, so the stream reads Kafka without a cons
 (from the latest offsets), and only while at least one client is connected: with no client
 it costs nothing. A client that sends `Last-Event-ID` (the Kafka timestamp in ms of the last
 event it saw) gets a private consumer that seeks every partition to that time, so it resumes
-without a gap as long as Kafka still holds the records. A client that cannot keep up is
+without a gap as long as Kafka still holds the records (events of that same millisecond are
+sent again: at-least-once). A client that cannot keep up is
 disconnected (it may reconnect with Last-Event-ID) rather than slowing everyone else.
 """
 
@@ -66,7 +67,7 @@ class StreamFilter:
         )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity semantics: kept in sets
 class Subscription:
     """One connected client: its filter and a bounded queue (None = end of stream)."""
 
@@ -288,8 +289,9 @@ class Broadcaster:
             while not assignment:
                 await consumer.getmany(timeout_ms=100)
                 assignment = consumer.assignment()
-            # Resume just after the last event the client saw.
-            offsets = await consumer.offsets_for_times(dict.fromkeys(assignment, since_ms + 1))
+            # Resume at the millisecond of the last event the client saw: events of that same
+            # millisecond are sent again (at-least-once), none is skipped.
+            offsets = await consumer.offsets_for_times(dict.fromkeys(assignment, since_ms))
             ends = await consumer.end_offsets(list(assignment))
             for tp in assignment:
                 found = offsets.get(tp)

@@ -1,0 +1,192 @@
+"""Scopes (401 vs 403), ticket transitions by the A7 state machine, stale versions get 409."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from cityops.common.tickets import TicketEvent
+from tests.integration.api_support import BASE_TOPICS, api_settings, run_api
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+
+
+async def _open_ticket(database_url: str, *, device_id: str, rule: str, district: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        now = datetime.now(UTC)
+        ticket_id: int = await conn.fetchval(
+            """
+            INSERT INTO tickets (device_id, kind, district, rule, priority, department, status,
+                                 opened_at, due_at, last_seen_at, details)
+            VALUES ($1, 'wastebin', $2, $3, 'P3', 'sanitation', 'open', $4, $5, $4, '{}')
+            RETURNING id
+            """,
+            device_id,
+            district,
+            rule,
+            now - timedelta(hours=5),
+            now - timedelta(hours=1),
+        )
+        await conn.execute(
+            """
+            INSERT INTO ticket_transitions (ticket_id, action, to_status, to_priority, actor,
+                                            version)
+            VALUES ($1, 'opened', 'open', 'P3', 'rules', 1)
+            """,
+            ticket_id,
+        )
+        return ticket_id
+    finally:
+        await conn.close()
+
+
+async def test_scopes_401_and_403(
+    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+) -> None:
+    topics = await kafka_topics(*BASE_TOPICS)
+    settings = api_settings(
+        database_url=database_url,
+        kafka_bootstrap=kafka_bootstrap,
+        topics=topics,
+        api_projector_enabled=False,
+    )
+    async with run_api(settings) as api, api.client() as admin, api.client(None) as anonymous:
+        response = await anonymous.get("/v1/devices")
+        assert response.status_code == 401
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert response.json()["status"] == 401
+        assert (await anonymous.get("/healthz")).status_code == 200
+        bogus = await anonymous.get("/v1/devices", headers={"Authorization": "Bearer nope"})
+        assert bogus.status_code == 401
+        basic = await anonymous.get("/v1/devices", headers={"Authorization": "Basic eDp5"})
+        assert basic.status_code == 401
+
+        keys = {}
+        for name, scopes in (("reader", ["read"]), ("operator", ["operate"])):
+            response = await admin.post("/v1/api-keys", json={"name": name, "scopes": scopes})
+            assert response.status_code == 201, response.text
+            keys[name] = response.json()["key"]
+        assert (
+            await admin.post("/v1/api-keys", json={"name": "reader", "scopes": ["read"]})
+        ).status_code == 409
+
+        async with api.client(keys["reader"]) as reader, api.client(keys["operator"]) as operator:
+            assert (await reader.get("/v1/devices")).status_code == 200
+            forbidden = await reader.post(
+                "/v1/devices", json={"device_id": "x-1", "kind": "parking"}
+            )
+            assert forbidden.status_code == 403
+            assert forbidden.json()["required_scope"] == "admin"
+            transition = await reader.post(
+                "/v1/tickets/1/transitions", json={"to": "acknowledged", "version": 1}
+            )
+            assert transition.status_code == 403
+            # operate includes read, not admin
+            assert (await operator.get("/v1/tickets")).status_code == 200
+            assert (await operator.get("/v1/api-keys")).status_code == 403
+            missing = await operator.post(
+                "/v1/tickets/999999/transitions", json={"to": "acknowledged", "version": 1}
+            )
+            assert missing.status_code == 404
+
+            listed = (await admin.get("/v1/api-keys")).json()["items"]
+            assert {k["name"] for k in listed} == {"reader", "operator"}
+            assert all("key" not in k for k in listed)
+            assert (await admin.delete("/v1/api-keys/reader")).status_code == 204
+            assert (await reader.get("/v1/devices")).status_code == 401
+
+
+async def test_ticket_transitions_follow_state_machine(
+    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+) -> None:
+    topics = await kafka_topics(*BASE_TOPICS)
+    settings = api_settings(
+        database_url=database_url,
+        kafka_bootstrap=kafka_bootstrap,
+        topics=topics,
+        api_projector_enabled=False,
+    )
+    device_id = f"wb-{uuid.uuid4().hex[:8]}"
+    ticket_id = await _open_ticket(
+        database_url, device_id=device_id, rule="bin_full", district="d9"
+    )
+    async with run_api(settings) as api, api.client() as admin:
+        key = (
+            await admin.post("/v1/api-keys", json={"name": "alice", "scopes": ["operate"]})
+        ).json()["key"]
+        async with api.client(key) as http:
+            ticket = (await http.get(f"/v1/tickets/{ticket_id}")).json()
+            assert ticket["status"] == "open"
+            assert ticket["version"] == 1
+            assert ticket["overdue"] is True
+            overdue = (await http.get("/v1/tickets", params={"overdue": "true"})).json()["items"]
+            assert [t["id"] for t in overdue] == [ticket_id]
+
+            url = f"/v1/tickets/{ticket_id}/transitions"
+            response = await http.post(
+                url, json={"to": "acknowledged", "version": 1, "assignee": "crew-7"}
+            )
+            assert response.status_code == 200, response.text
+            assert response.json()["version"] == 2
+            assert response.json()["acknowledged_at"] is not None
+
+            stale = await http.post(url, json={"to": "in_progress", "version": 1})
+            assert stale.status_code == 409
+            assert stale.json()["current_version"] == 2
+            assert stale.json()["type"].endswith("/stale-version")
+
+            invalid = await http.post(url, json={"to": "closed", "version": 2})
+            assert invalid.status_code == 409
+            assert invalid.json()["type"].endswith("/invalid-transition")
+
+            bad = await http.post(url, json={"to": "sideways", "version": 2})
+            assert bad.status_code == 422
+            assert bad.json()["errors"][0]["field"] == "body.to"
+
+            for target, version in (("in_progress", 2), ("resolved", 3), ("closed", 4)):
+                response = await http.post(url, json={"to": target, "version": version})
+                assert response.status_code == 200, response.text
+            detail = (await http.get(f"/v1/tickets/{ticket_id}")).json()
+            assert detail["status"] == "closed"
+            assert detail["resolution"] == "manual"
+            assert [(t["action"], t["actor"]) for t in detail["transitions"]] == [
+                ("opened", "rules"),
+                ("acknowledged", "apikey:alice"),
+                ("in_progress", "apikey:alice"),
+                ("resolved", "apikey:alice"),
+                ("closed", "apikey:alice"),
+            ]
+            final = await http.post(url, json={"to": "open", "version": 5})
+            assert final.status_code == 409
+
+    # Every operator transition is on city.tickets.v1, after the commit.
+    consumer = AIOKafkaConsumer(
+        topics["city.tickets.v1"], bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    events: list[TicketEvent] = []
+    try:
+        while len(events) < 4:
+            fetched = await asyncio.wait_for(consumer.getmany(timeout_ms=500), 10)
+            events += [
+                TicketEvent.model_validate(orjson.loads(r.value))
+                for batch in fetched.values()
+                for r in batch
+            ]
+    finally:
+        await consumer.stop()
+    assert [(e.status, e.version, e.actor) for e in events] == [
+        ("acknowledged", 2, "apikey:alice"),
+        ("in_progress", 3, "apikey:alice"),
+        ("resolved", 4, "apikey:alice"),
+        ("closed", 5, "apikey:alice"),
+    ]
