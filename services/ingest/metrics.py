@@ -55,7 +55,7 @@ class IngestMetrics:
             ),
             produce_latency=Histogram(
                 "cityops_ingest_produce_latency_seconds",
-                "From receiving a message to Kafka acknowledging its record.",
+                "Receive to Kafka ack; one observation per run of released acks (its oldest).",
                 buckets=_LATENCY_BUCKETS,
                 registry=registry,
             ),
