@@ -1,0 +1,76 @@
+"""problem+json for every error, field-level validation messages, ticket actions, fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Query
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from cityops.api.models import MEASURE_FIELDS
+from cityops.api.problems import Problem, field_errors, install_problem_handlers
+from cityops.api.routes_tickets import transition_action
+from cityops.common.kinds import Kind, TicketStatus
+
+
+class Body(BaseModel):
+    fill_pct: float
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+    install_problem_handlers(app)
+
+    @app.post("/things")
+    async def post_thing(body: Body, limit: int = Query(1, le=10)) -> dict[str, Any]:
+        return {"ok": body.fill_pct, "limit": limit}
+
+    @app.get("/conflict")
+    async def conflict() -> None:
+        raise Problem(409, "stale", problem="stale-version", current_version=3)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("bug")
+
+    return app
+
+
+def test_validation_errors_name_the_field() -> None:
+    client = TestClient(make_app(), raise_server_exceptions=False)
+    response = client.post("/things?limit=11", json={"fill_pct": "full"})
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert {e["field"] for e in body["errors"]} == {"query.limit", "body.fill_pct"}
+    assert body["instance"] == "/things"
+
+
+def test_problems_carry_extensions_and_404_405_500_are_problems() -> None:
+    client = TestClient(make_app(), raise_server_exceptions=False)
+    conflict = client.get("/conflict").json()
+    assert conflict["type"].endswith("/stale-version")
+    assert conflict["current_version"] == 3
+    assert client.get("/nowhere").headers["content-type"] == "application/problem+json"
+    assert client.put("/conflict").status_code == 405
+    boom = client.get("/boom")
+    assert boom.status_code == 500
+    assert "bug" not in boom.text
+
+
+def test_field_errors_of_a_model_level_error() -> None:
+    assert field_errors([{"loc": (), "msg": "lat and lon together"}]) == [
+        {"field": "body", "message": "lat and lon together"}
+    ]
+
+
+def test_transition_actions() -> None:
+    assert transition_action(TicketStatus.RESOLVED, TicketStatus.OPEN) == "reopened"
+    assert transition_action(TicketStatus.OPEN, TicketStatus.ACKNOWLEDGED) == "acknowledged"
+
+
+def test_measure_fields_are_numbers_and_booleans_of_the_kind() -> None:
+    assert MEASURE_FIELDS[Kind.PARKING] == {"occupied", "battery_pct", "rssi_dbm"}
+    assert "fault" not in MEASURE_FIELDS[Kind.STREETLIGHT]
+    assert "lamp_on" in MEASURE_FIELDS[Kind.STREETLIGHT]
