@@ -1,0 +1,1 @@
+"""`cityops bench`: the benchmark harness that writes docs/benchmarks.md from measurements."""
