@@ -9,8 +9,7 @@ import orjson
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cityops.api import routes_devices, routes_districts, routes_keys, routes_stream, routes_tickets
@@ -59,6 +58,59 @@ class RequestMetrics:
             )
 
 
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "RFC 9457 problem details.",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+}
+_ERRORS = {
+    "401": "No valid API key",
+    "403": "The API key lacks the scope",
+    "404": "Not found",
+    "409": "Conflict",
+    "413": "Content too large",
+    "415": "Unsupported media type",
+    "422": "Invalid request: `errors` names each field and why",
+}
+
+
+def problem_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """Document every error of every operation as application/problem+json."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = _PROBLEM_SCHEMA
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            codes = {"422"}
+            if operation.get("security"):
+                codes |= {"401", "403"}
+            if "{" in path:
+                codes.add("404")
+            if path.endswith(":import"):
+                codes |= {"400", "413", "415"}
+            if method == "post" and not path.endswith(":import"):
+                codes.add("409")  # taken names / ids, stale versions
+            codes |= {code for code in responses if code.startswith("4")}
+            for code in codes:
+                entry = responses.setdefault(code, {"description": _ERRORS.get(code, "Error")})
+                entry["content"] = problem
+    return schema
+
+
 def create_app(context: ApiContext, *, registry: CollectorRegistry) -> FastAPI:
     """Build the application around its collaborators (no globals)."""
     app = FastAPI(
@@ -94,10 +146,21 @@ def create_app(context: ApiContext, *, registry: CollectorRegistry) -> FastAPI:
             orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json"
         )
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
-    async def metrics(_: Request) -> Response:
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+    )
+    async def metrics() -> Response:
         """Prometheus text exposition of this replica's metrics."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_openapi(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented customisation
     app.add_middleware(RequestMetrics, metrics=context.metrics)
     return app

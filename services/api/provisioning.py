@@ -172,6 +172,30 @@ def _csv_value(column: str, text: str) -> Any:
     return text
 
 
+def _csv_records(text: str, *, max_rows: int) -> list[tuple[int, Any]]:
+    """(row number, dict or the error) per CSV data row; csv.Error for a malformed file."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = set(reader.fieldnames or [])
+    unknown = header - _CSV_FIELDS
+    if not reader.fieldnames or "device_id" not in header or "kind" not in header:
+        raise ValueError("the CSV needs a header row with at least device_id and kind")
+    if unknown:
+        raise ValueError(f"unknown CSV columns: {', '.join(sorted(unknown))}")
+    records: list[tuple[int, Any]] = []
+    for number, raw in enumerate(reader, start=1):
+        if number > max_rows:
+            raise ValueError(f"more than {max_rows} rows")
+        if None in raw:
+            records.append((number, ValueError("more values than header columns")))
+            continue
+        try:
+            values = {k: _csv_value(k, v or "") for k, v in raw.items()}
+            records.append((number, {k: v for k, v in values.items() if v is not None}))
+        except ValueError as exc:
+            records.append((number, exc))
+    return records
+
+
 def parse_import(text: str, *, fmt: str, max_rows: int) -> ParsedImport:
     """Parse CSV (header row) or JSON lines into devices; bad rows are reported, not fatal.
 
@@ -182,24 +206,10 @@ def parse_import(text: str, *, fmt: str, max_rows: int) -> ParsedImport:
     seen: set[str] = set()
     records: list[tuple[int, Any]] = []
     if fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text))
-        header = set(reader.fieldnames or [])
-        unknown = header - _CSV_FIELDS
-        if not reader.fieldnames or "device_id" not in header or "kind" not in header:
-            raise ValueError("the CSV needs a header row with at least device_id and kind")
-        if unknown:
-            raise ValueError(f"unknown CSV columns: {', '.join(sorted(unknown))}")
-        for number, raw in enumerate(reader, start=1):
-            if number > max_rows:
-                raise ValueError(f"more than {max_rows} rows")
-            if None in raw:
-                records.append((number, ValueError("more values than header columns")))
-                continue
-            try:
-                values = {k: _csv_value(k, v or "") for k, v in raw.items()}
-                records.append((number, {k: v for k, v in values.items() if v is not None}))
-            except ValueError as exc:
-                records.append((number, exc))
+        try:
+            records.extend(_csv_records(text, max_rows=max_rows))
+        except csv.Error as exc:
+            raise ValueError(f"malformed CSV: {exc}") from exc
     else:
         number = 0
         for line in text.splitlines():
