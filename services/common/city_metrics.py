@@ -68,7 +68,8 @@ class CitySnapshot:
 # One statement: `ops.devices` is materialised once and aggregated five ways; tickets are read
 # once. Zero rows are emitted for every district that has devices of the kind, so ratios and
 # alerts see 0 rather than "no data". Tickets: every (district, kind, priority, department)
-# seen in the last 30 days gets a series, so "no open P1" is a 0, not a gap.
+# seen in the last 30 days gets a series, and every (district, kind) with devices gets a zero
+# per priority without a department (an empty label is no label), so "no open P1" is a 0.
 REFRESH_SQL = """
 WITH d AS MATERIALIZED (
     SELECT district, kind, connectivity, lamp_out, bin_full, occupied FROM ops.devices
@@ -100,6 +101,11 @@ UNION ALL
 SELECT 'tickets_overdue', district, kind, '', priority, department,
        count(*) FILTER (WHERE overdue)
 FROM t GROUP BY district, kind, priority, department
+UNION ALL
+SELECT m.metric, k.district, k.kind, '', p.priority, '', 0
+FROM (SELECT DISTINCT district, kind FROM d) AS k
+CROSS JOIN (VALUES ('P1'), ('P2'), ('P3'), ('P4')) AS p (priority)
+CROSS JOIN (VALUES ('tickets_open'), ('tickets_overdue')) AS m (metric)
 """
 
 # metric key -> (metric name, help, label names): label values come from CityRow fields.

@@ -153,6 +153,9 @@ async def test_refresh_computes_the_city_from_the_database(database_url: str) ->
     # the resolved bin ticket keeps its series at zero: "no open ticket" is 0, not a gap
     assert _value(metrics, "tickets_open", district="south", department="sanitation") == 0
     assert _value(metrics, "tickets_overdue", district="south") == 0
+    # a kind without any ticket still has a zero per priority (no department label)
+    assert _value(metrics, "tickets_open", district="south", kind="parking", priority="P4") == 0
+    assert _value(metrics, "tickets_open", district="south", kind="parking", department="") == 0
 
 
 async def test_background_refresh_serves_gauges_and_stops(database_url: str) -> None:
