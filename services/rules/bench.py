@@ -129,13 +129,14 @@ async def _end_offsets(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
         await consumer.stop()
 
 
-async def _drained(
+async def _committed(
     admin: AIOKafkaAdminClient, group: str, ends: Mapping[TopicPartition, int]
-) -> bool:
+) -> tuple[int, bool]:
+    """Records the group has committed, and whether that is the end of every partition."""
     committed = await admin.list_consumer_group_offsets(group)
-    return all(
-        (meta := committed.get(tp)) is not None and meta.offset >= end for tp, end in ends.items()
-    )
+    offsets = {tp: meta.offset for tp, meta in committed.items() if tp in ends and meta.offset >= 0}
+    done = all(offsets.get(tp, -1) >= end for tp, end in ends.items())
+    return sum(offsets.values()), done
 
 
 async def _drain(
@@ -167,11 +168,18 @@ async def _drain(
     process = await asyncio.create_subprocess_exec(cityops, "rules", env=child_env)
     try:
         deadline = started + timeout_s
-        while not await _drained(admin, group, ends):
+        first: tuple[float, int] | None = None  # steady state: from the first commit
+        while True:
+            count, done = await _committed(admin, group, ends)
+            if done:
+                break
+            if first is None and count > 0:
+                first = (time.monotonic(), count)
             if time.monotonic() > deadline or process.returncode is not None:
                 return {"error": "timed out" if process.returncode is None else "exited"}
-            await asyncio.sleep(0.25)  # polling a benchmark's finish line, not service logic
-        elapsed = time.monotonic() - started
+            await asyncio.sleep(0.1)  # polling a benchmark's finish line, not service logic
+        finished = time.monotonic()
+        elapsed = finished - started
         cpu_s = _proc_cpu_s(process.pid)
         rss_kb = _proc_kb(process.pid, "VmRSS")
         peak_kb = _proc_kb(process.pid, "VmHWM")
@@ -182,6 +190,10 @@ async def _drain(
         "events": total,
         "wall_s": round(elapsed, 2),
         "events_per_s": round(total / elapsed),
+        "steady_events_per_s": (
+            round((total - first[1]) / (finished - first[0])) if first is not None else None
+        ),
+        "startup_s": round(first[0] - started, 2) if first is not None else None,
         "cpu_s": round(cpu_s, 2),
         "cpu_us_per_event": round(cpu_s / total * 1e6, 1),
         "rss_mb": round(rss_kb / 1024, 1),

@@ -219,7 +219,8 @@ class RulesWorker:
                 await self._recover(stop)
 
     async def close(self) -> None:
-        """Persist liveness of every held device (so offline timers restart exactly)."""
+        """Settle published events; persist liveness of held devices (exact offline restarts)."""
+        await self._publisher.flush()
         async with self._lock:
             try:
                 await self._flush_seen(list(self._states.values()))
@@ -535,7 +536,7 @@ class RulesWorker:
                 log.warning("offset commit failed after a rebalance: %s", exc)
         if events:
             try:
-                await self._publisher.publish(outbox_events(events))
+                await self._publisher.publish_soon(outbox_events(events))
             except (KafkaError, *_DB_ERRORS) as exc:
                 self._metrics.errors.labels("kafka").inc()
                 log.warning("ticket events stay in the outbox for the next sweep: %s", exc)

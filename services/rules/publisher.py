@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from cityops.common.tickets import TicketEvent
 from cityops.rules import store
@@ -39,6 +40,41 @@ class TicketPublisher:
         self._pool = pool
         self._topic = topic
         self._metrics = metrics
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def publish_soon(self, events: Sequence[OutboxEvent], *, max_in_flight: int = 4) -> None:
+        """Enqueue `events` in order now; wait for Kafka's acks and clean the outbox meanwhile.
+
+        The next batch is evaluated while these acks travel; at most `max_in_flight` batches
+        of events are unacknowledged. A failure leaves the events in the outbox for the sweep.
+        """
+        if not events:
+            return
+        while len(self._in_flight) >= max_in_flight:
+            await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+        acks = [
+            await self._producer.send(
+                self._topic, key=event.device_id.encode(), value=event.payload
+            )
+            for event in events
+        ]
+        task = asyncio.create_task(self._settle(acks, [e.transition_id for e in events]))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _settle(self, acks: list[asyncio.Future[object]], transition_ids: list[int]) -> None:
+        try:
+            await asyncio.gather(*acks)
+            self._metrics.events_published.inc(len(acks))
+            await store.delete_outbox(self._pool, transition_ids=transition_ids)
+        except (KafkaError, asyncpg.PostgresError, OSError) as exc:
+            self._metrics.errors.labels("kafka").inc()
+            log.warning("ticket events stay in the outbox for the next sweep: %s", exc)
+
+    async def flush(self) -> None:
+        """Wait for every event handed over so far to be settled."""
+        if self._in_flight:
+            await asyncio.wait(self._in_flight)
 
     async def publish(self, events: Sequence[OutboxEvent]) -> None:
         """Produce `events` in order and delete them from the outbox; errors propagate."""
