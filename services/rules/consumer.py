@@ -327,11 +327,14 @@ class RulesWorker:
             return profile
         device = self._devices.get(device_id)
         if device is None or device.kind is not kind:
+            # Not (yet) in the registry: the kind's defaults until a refresh knows better
+            # (a refresh rebuilds the profile of every device this replica holds).
             self._registry_miss_at = self._registry_miss_at or self._clock()
             profile, _ = self._book.profile(
                 kind=kind, interval_s=float(DEFAULT_REPORTING_INTERVAL_S[kind])
             )
-            return profile  # not cached: the registry refresh will know the device
+            self._profiles[device_id] = profile
+            return profile
         return self._build_profile(device)
 
     def _build_profile(self, device: Device) -> Profile:
