@@ -67,6 +67,9 @@ _REGISTRY = (SYSTEM, "registry", "")
 _GAUGE = (SYSTEM, "gauge", "")
 _SWEEP = (SYSTEM, "outbox", "")
 _MAX_WAIT_S = 1.0
+# A partition at most this many records behind counts as caught up: a live stream is rarely
+# at exactly zero lag, and device timers must not wait for that forever.
+_CAUGHT_UP_RECORDS = 500
 _MAX_BACKOFF_S = 5.0
 _ENVELOPE = ("device_id", "kind", "seq", "ts", "received_at", "ingest_id")
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
@@ -470,7 +473,7 @@ class RulesWorker:
             position = await self._consumer.position(tp)
             behind = (highwater - position) if highwater is not None else 1
             lag[tp.topic] += max(behind, 0)
-            if behind > 0:
+            if behind > _CAUGHT_UP_RECORDS:
                 lagging.add(tp.partition)
         caught_up = self._lagging - lagging
         self._lagging = lagging
