@@ -114,8 +114,9 @@ def render(report: BenchReport) -> str:
             ["component", "version"], [[k, format_value(v)] for k, v in report.versions.items()]
         ),
         "",
-        "Each suite runs at least three times; the first column is the median of the runs, "
-        "each run follows. Ratios compare with the same-run baseline named in the metric.",
+        "A full run repeats each suite at least three times (quick mode: one run per service "
+        "suite); the first column is the median of the runs, each run follows. Ratios compare "
+        "with the same-run baseline named in the metric.",
         "",
     ]
     for suite in report.suites:
