@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
+from pydantic import SecretStr
 
 from cityops.common.logs import configure_logging
 from cityops.common.settings import DatabaseSettings
@@ -22,6 +23,13 @@ log = logging.getLogger(__name__)
 
 # An arbitrary, fixed key: "cityops" in ASCII.
 _LOCK_KEY = 0x636974796F7073
+GRAFANA_ROLE = "cityops_grafana"
+
+
+class MigrateSettings(DatabaseSettings):
+    """`cityops migrate`: the database, and optionally the Grafana reader's login password."""
+
+    grafana_db_password: SecretStr | None = None
 
 
 class MigrationError(RuntimeError):
@@ -91,10 +99,30 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[str]:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
 
 
-async def _run(settings: DatabaseSettings) -> int:
+async def ensure_grafana_login(conn: asyncpg.Connection, *, password: str) -> None:
+    """Give the read-only `cityops_grafana` role a login with `password` (needs CREATEROLE).
+
+    The role may read the `ops` views only (migration 0300); dashboards connect with it.
+    """
+    exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", GRAFANA_ROLE)
+    # DDL takes no bind parameters: let the server quote the password literal.
+    literal = await conn.fetchval("SELECT quote_literal($1::text)", password)
+    verb = "ALTER" if exists else "CREATE"
+    await conn.execute(f"{verb} ROLE {GRAFANA_ROLE} LOGIN PASSWORD {literal}")
+    await conn.execute(f"ALTER ROLE {GRAFANA_ROLE} SET default_transaction_read_only = on")
+    await conn.execute(f"ALTER ROLE {GRAFANA_ROLE} SET statement_timeout = '15s'")
+    if await conn.fetchval("SELECT to_regprocedure('ops.grant_reader(name)') IS NOT NULL"):
+        await conn.execute("SELECT ops.grant_reader($1)", GRAFANA_ROLE)
+
+
+async def _run(settings: MigrateSettings) -> int:
     conn = await asyncpg.connect(settings.database_url.get_secret_value())
     try:
         done = await apply_migrations(conn)
+        if settings.grafana_db_password is not None:
+            await ensure_grafana_login(
+                conn, password=settings.grafana_db_password.get_secret_value()
+            )
     except (MigrationError, asyncpg.PostgresError) as exc:
         log.error("migration failed: %s", exc)  # noqa: TRY400 - the message is the whole story
         return 1
@@ -108,7 +136,7 @@ def main(argv: list[str]) -> int:
     """`cityops migrate`: apply pending migrations to CITYOPS_DATABASE_URL."""
     parser = argparse.ArgumentParser(prog="cityops migrate", description=__doc__)
     parser.parse_args(argv)
-    settings = DatabaseSettings()  # fields come from the environment
+    settings = MigrateSettings()  # fields come from the environment
     configure_logging(
         service="migrate",
         instance_id=settings.instance_id,

@@ -15,11 +15,13 @@ SECRET_KEYS = (
     "POSTGRES_SUPERUSER_PASSWORD",
     "POSTGRES_CITYOPS_PASSWORD",
     "API_BOOTSTRAP_KEY",
+    "POSTGRES_GRAFANA_PASSWORD",
 )
 INGEST_USER = "ingest"
 GATEWAY_USER = "gateway"
 DB_ROLE = "cityops"
 DB_NAME = "cityops"
+GRAFANA_ROLE = "cityops_grafana"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class StackSecrets:
     postgres_superuser_password: str
     postgres_cityops_password: str
     api_bootstrap_key: str
+    postgres_grafana_password: str
 
     def __repr__(self) -> str:
         return "StackSecrets(<hidden>)"
@@ -63,6 +66,7 @@ def _from_values(values: dict[str, str]) -> StackSecrets:
         postgres_superuser_password=values["POSTGRES_SUPERUSER_PASSWORD"],
         postgres_cityops_password=values["POSTGRES_CITYOPS_PASSWORD"],
         api_bootstrap_key=values["API_BOOTSTRAP_KEY"],
+        postgres_grafana_password=values["POSTGRES_GRAFANA_PASSWORD"],
     )
 
 
@@ -95,6 +99,12 @@ def database_url(stack_secrets: StackSecrets, *, database: str = DB_NAME) -> str
     return f"postgresql://{DB_ROLE}:{stack_secrets.postgres_cityops_password}@127.0.0.1:5432/{database}"
 
 
+def grafana_url(stack_secrets: StackSecrets) -> str:
+    """The dashboards' read-only role's URL for the `cityops` database."""
+    password = stack_secrets.postgres_grafana_password
+    return f"postgresql://{GRAFANA_ROLE}:{password}@127.0.0.1:5432/{DB_NAME}"
+
+
 def superuser_url(stack_secrets: StackSecrets) -> str:
     """The `postgres` superuser's URL (stack internal: creating the role and database)."""
     return (
@@ -109,6 +119,7 @@ def render_env(paths: StackPaths, stack_secrets: StackSecrets) -> str:
         "CITYOPS_KAFKA_BOOTSTRAP": "127.0.0.1:9092",
         "CITYOPS_MQTT_URL": "mqtt://127.0.0.1:1883",
         "CITYOPS_DATABASE_URL": database_url(stack_secrets),
+        "CITYOPS_GRAFANA_DATABASE_URL": grafana_url(stack_secrets),
         "CITYOPS_PROMETHEUS_URL": "http://127.0.0.1:9090",
         "CITYOPS_INGEST_MQTT_USERNAME": INGEST_USER,
         "CITYOPS_INGEST_MQTT_PASSWORD": stack_secrets.mqtt_ingest_password,

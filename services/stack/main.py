@@ -18,6 +18,7 @@ from cityops.stack.credentials import (
     INGEST_USER,
     StackSecrets,
     database_url,
+    grafana_url,
     load_or_create_secrets,
     load_secrets,
     superuser_url,
@@ -156,15 +157,20 @@ def _alive_check(
     return alive
 
 
+async def _logs_in(url: str) -> bool:
+    return await probe_postgres(url) is None
+
+
 async def _wait_postgres(
     paths: StackPaths,
     stack_secrets: StackSecrets,
     spec: ServerSpec,
     process: subprocess.Popen[bytes] | None,
 ) -> float:
-    """Wait for the server, then make sure role and database exist (only when login fails)."""
+    """Wait for the server, then make sure roles and database exist (only when a login fails)."""
     started = time.monotonic()
-    if await probe_postgres(database_url(stack_secrets)) is None:
+    logins = (database_url(stack_secrets), grafana_url(stack_secrets))
+    if all(await asyncio.gather(*(_logs_in(url) for url in logins))):
         return time.monotonic() - started
     alive = _alive_check(paths, spec, process)
     await wait_ready(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
+from cityops.common.migrate import ensure_grafana_login
 from cityops.stack.credentials import DB_NAME, DB_ROLE, StackSecrets, superuser_url
 from cityops.stack.layout import StackError, StackPaths
 from cityops.stack.procs import ServerSpec, run_command, write_if_changed
@@ -165,5 +166,13 @@ async def provision(stack_secrets: StackSecrets) -> None:
         has_db = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DB_NAME)
         if not has_db:
             await conn.execute(f"CREATE DATABASE {DB_NAME} OWNER {DB_ROLE}")
+    finally:
+        await conn.close()
+    # the dashboards' read-only login; grants follow in migration 0300 (or now, if it ran)
+    conn = await asyncpg.connect(
+        superuser_url(stack_secrets).rsplit("/", 1)[0] + f"/{DB_NAME}", timeout=10
+    )
+    try:
+        await ensure_grafana_login(conn, password=stack_secrets.postgres_grafana_password)
     finally:
         await conn.close()

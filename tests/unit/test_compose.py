@@ -27,7 +27,7 @@ SETTINGS = {
     "rules": "cityops.rules.settings:RulesSettings",
     "api": "cityops.api.settings:ApiSettings",
     "simulator": "cityops.simulator.settings:SimulatorSettings",
-    "migrate": "cityops.common.settings:DatabaseSettings",
+    "migrate": "cityops.common.migrate:MigrateSettings",
     "mqtt-init": "cityops.common.mqtt_accounts:ServiceAccountSettings",
 }
 

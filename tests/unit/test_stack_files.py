@@ -110,13 +110,17 @@ def test_prometheus_config_rendered_with_absolute_rules() -> None:
 
 
 def test_env_file_is_sourceable_by_bash(paths: StackPaths, tmp_path: Path) -> None:
-    secrets = StackSecrets("in-gest_1", "gate-way_2", "su_3", "db-4", "key_5")
+    secrets = StackSecrets("in-gest_1", "gate-way_2", "su_3", "db-4", "key_5", "graf-6")
     text = render_env(paths, secrets)
     env_file = tmp_path / "cityops.env"
     env_file.write_text(text)
     parsed = parse_env_file(text)
     assert parsed["CITYOPS_DATABASE_URL"] == "postgresql://cityops:db-4@127.0.0.1:5432/cityops"
     assert parsed["CITYOPS_INGEST_MQTT_PASSWORD"] == "in-gest_1"
+    assert (
+        parsed["CITYOPS_GRAFANA_DATABASE_URL"]
+        == "postgresql://cityops_grafana:graf-6@127.0.0.1:5432/cityops"
+    )
     shell = subprocess.run(
         ["bash", "-c", f'set -a; source "{env_file}"; env'],
         capture_output=True,
