@@ -34,8 +34,8 @@ class ApiContext:
     readiness: ReadinessCheck
 
 
-def get_context(request: Request) -> ApiContext:
-    """The context stored on the app by create_app()."""
+async def get_context(request: Request) -> ApiContext:
+    """The context stored on the app by create_app() (async: no threadpool hop per request)."""
     context: ApiContext = request.app.state.context
     return context
 

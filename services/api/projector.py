@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from cityops.api import store_state
 from cityops.api.db import Conn
 from cityops.api.metrics import ApiMetrics
-from cityops.api.projection import ProjectionBatch, fold
-from cityops.common.events import StatusEvent, TelemetryRecord, decode_status, decode_telemetry
+from cityops.api.projection import ProjectionBatch, ReadingRow, fold, telemetry_row
+from cityops.common.events import StatusEvent, decode_status
 from cityops.common.kinds import Kind
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,15 @@ def decode_records(
     *,
     telemetry_topic: str,
     metrics: ApiMetrics,
-) -> list[TelemetryRecord | StatusEvent]:
+) -> list[ReadingRow | StatusEvent]:
     """Decode a fetched batch; an undecodable record is logged, counted and skipped."""
-    events: list[TelemetryRecord | StatusEvent] = []
+    events: list[ReadingRow | StatusEvent] = []
     for record in records:
         source = "telemetry" if record.topic == telemetry_topic else "status"
         try:
             value = record.value if record.value is not None else b""
             if source == "telemetry":
-                events.append(decode_telemetry(value))
+                events.append(telemetry_row(value))
             else:
                 events.append(decode_status(value))
         except (ValueError, KeyError, TypeError, ValidationError) as exc:
@@ -92,7 +92,9 @@ class Projector:
         retention_days: Mapping[Kind, int],
         maintenance_interval_s: float,
         client_id: str,
+        write_lanes: int = 2,
     ) -> None:
+        self._lanes = write_lanes
         self._pool = pool
         self._bootstrap = bootstrap
         self._topics = list(topics)
@@ -172,24 +174,16 @@ class Projector:
     ) -> None:
         started = time.perf_counter()
         records = [record for batch in fetched.values() for record in batch]
-        events = decode_records(
-            records, telemetry_topic=self._telemetry_topic, metrics=self._metrics
-        )
-        batch = fold(events)
-        moved = inserted = 0
-        if not batch.empty:
-            for attempt in range(len(_RETRY_DELAYS_S) + 1):
-                try:
-                    async with self._pool.acquire() as conn:
-                        moved, inserted = await write_batch(conn, batch)
-                    break
-                except (asyncpg.PostgresError, OSError) as exc:
-                    if attempt == len(_RETRY_DELAYS_S) or stop.is_set():
-                        # Not committed: the batch is replayed by whoever owns the partitions next.
-                        raise
-                    delay = _RETRY_DELAYS_S[attempt]
-                    log.warning("read-model write failed, retrying in %ss: %s", delay, exc)
-                    await asyncio.sleep(delay)
+        # Partitions are split into disjoint lanes written concurrently on their own
+        # connections: a device's records all live in one partition (key = device_id), so
+        # lanes never touch the same rows, and PostgreSQL works on one lane while Python
+        # decodes the next.
+        lanes: list[list[ConsumerRecord[bytes, bytes]]] = [[] for _ in range(self._lanes)]
+        for tp, batch_records in fetched.items():
+            lanes[tp.partition % self._lanes].extend(batch_records)
+        results = await asyncio.gather(*(self._write_lane(lane, stop) for lane in lanes if lane))
+        moved = sum(result[0] for result in results)
+        inserted = sum(result[1] for result in results)
         try:
             await consumer.commit()
         except (CommitFailedError, KafkaError) as exc:
@@ -211,6 +205,28 @@ class Projector:
             "projected batch",
             extra={"records": len(records), "states": moved, "readings": inserted},
         )
+
+    async def _write_lane(
+        self, records: list[ConsumerRecord[bytes, bytes]], stop: asyncio.Event
+    ) -> tuple[int, int]:
+        events = decode_records(
+            records, telemetry_topic=self._telemetry_topic, metrics=self._metrics
+        )
+        batch = fold(events)
+        if batch.empty:
+            return 0, 0
+        for attempt in range(len(_RETRY_DELAYS_S) + 1):
+            try:
+                async with self._pool.acquire() as conn:
+                    return await write_batch(conn, batch)
+            except (asyncpg.PostgresError, OSError) as exc:
+                if attempt == len(_RETRY_DELAYS_S) or stop.is_set():
+                    # Not committed: the batch is replayed by whoever owns the partitions next.
+                    raise
+                delay = _RETRY_DELAYS_S[attempt]
+                log.warning("read-model write failed, retrying in %ss: %s", delay, exc)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def maintain_partitions(self) -> None:
         """Create partitions ahead and apply retention, if no other replica is doing it."""

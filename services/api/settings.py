@@ -34,6 +34,9 @@ class ApiSettings(KafkaSettings, DatabaseSettings):
     api_projector_enabled: bool = True
     api_projector_group: str = "api-projector"
     api_projector_batch_max: int = Field(default=5000, ge=1, le=100_000)
+    api_projector_write_lanes: int = Field(
+        default=2, ge=1, le=16, description="Concurrent batch writers (disjoint partitions)."
+    )
     api_projector_fetch_timeout_ms: int = Field(default=500, ge=10, le=60_000)
     api_partitions_ahead_days: int = Field(default=3, ge=1, le=60)
     api_maintenance_interval_s: float = Field(default=3600.0, gt=0, le=86_400)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
+import pytest
 
-from cityops.api.projection import fold, reading_values
-from cityops.common.events import StatusEvent, TelemetryRecord, WastebinReading
+from cityops.api.projection import fold, reading_row, reading_values, telemetry_row
+from cityops.common.events import StatusEvent, TelemetryRecord, WastebinReading, encode_telemetry
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 
@@ -74,3 +76,36 @@ def test_an_offline_will_alone_is_not_a_sighting() -> None:
 
 def test_empty_batch() -> None:
     assert fold([]).empty
+
+
+def test_telemetry_row_decodes_what_ingest_encodes() -> None:
+    original = record("wb-1", 9, 55.5, received_s=4)
+    value = encode_telemetry(original.reading, received_at=original.received_at, ingest_id="i")
+    row = telemetry_row(value)
+    assert row == reading_row(original)
+    assert fold([row]).states["wb-1"].seq == 9
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"device_id": None},
+        {"device_id": "x"},
+        {"kind": "rocket"},
+        {"seq": -1},
+        {"seq": True},
+        {"seq": "5"},
+        {"ts": "2026-11-26T08:00:00"},
+        {"ts": 5},
+        {"received_at": "yesterday"},
+    ],
+)
+def test_telemetry_row_refuses_what_the_tables_cannot_hold(change: dict[str, Any]) -> None:
+    body = orjson.loads(
+        encode_telemetry(record("wb-1", 1, 1.0).reading, received_at=T0, ingest_id="i")
+    )
+    body.update(change)
+    with pytest.raises((ValueError, TypeError)):
+        telemetry_row(orjson.dumps(body))
+    with pytest.raises((ValueError, TypeError)):
+        telemetry_row(b"[1, 2]")

@@ -1,0 +1,472 @@
+"""API benchmark: read latency at a fixed request rate with 100k devices, and projector drain.
+
+`run_api_bench(env, quick=...)` (called by `cityops bench`) builds a fresh database, registers
+the fleet (COPY), drains readings for every device through the real projector from Kafka
+(state + history + connectivity) and, in the same run, COPYs the same rows into a plain
+table as the baseline. Then it starts `cityops api` as a process (projector off) and drives
+it open-loop at a fixed rate from this process: latency is measured from each request's
+scheduled time, so a slow server cannot hide queueing (no coordinated omission).
+`python -m cityops.api.bench [--quick]` prints the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client import CollectorRegistry
+
+from cityops.api.metrics import create_metrics
+from cityops.api.projector import Projector
+from cityops.common.kinds import Kind
+from cityops.common.migrate import apply_migrations
+
+KINDS = ("streetlight", "manhole", "wastebin", "parking")
+DISTRICTS = 20
+HISTORY_DEVICES = 200  # devices with 24 h of 5-minute history for the bucket query
+_CITYOPS = Path(sys.executable).with_name("cityops")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def _values(kind: str, n: int) -> dict[str, Any]:
+    if kind == "streetlight":
+        return {"lamp_on": n % 2 == 0, "fault": "lamp_failure" if n % 50 == 0 else "none"}
+    if kind == "manhole":
+        return {"cover_open": n % 97 == 0, "water_level_pct": float(n % 100)}
+    if kind == "wastebin":
+        return {"fill_pct": float(n % 101), "temperature_c": 15.0}
+    return {"occupied": n % 3 == 0}
+
+
+def _device(n: int) -> tuple[str, str, str, float, float]:
+    kind = KINDS[n % 4]
+    return (
+        f"dev-{n:06d}",
+        kind,
+        f"district-{n // 4 % DISTRICTS:02d}",  # every kind in every district
+        52.3 + (n % 400) / 1000,  # a 0.4 x 0.6 degree grid around Berlin
+        13.1 + (n // 400 % 600) / 1000,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _database(base_url: str, name: str) -> AsyncIterator[str]:
+    parts = urlsplit(base_url)
+    url = urlunsplit(parts._replace(path=f"/{name}"))
+    admin = await asyncpg.connect(base_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            conn = await asyncpg.connect(url)
+            try:
+                await apply_migrations(conn)
+            finally:
+                await conn.close()
+            yield url
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _seed(url: str, *, devices: int, now: datetime) -> None:
+    conn = await asyncpg.connect(url, server_settings={"timezone": "UTC"})
+    try:
+        today = now.date()
+        await conn.execute(
+            "SELECT cityops_ensure_reading_partitions($1::date, 5)", today - timedelta(days=2)
+        )
+        await conn.copy_records_to_table(
+            "devices",
+            records=[_device(n) for n in range(devices)],
+            columns=["device_id", "kind", "district", "lat", "lon"],
+        )
+        # 24 h of 5-minute history for a few wastebins (the bucketed readings query).
+        await conn.execute(
+            """
+            INSERT INTO readings (device_id, kind, seq, ts, received_at, reading)
+            SELECT d.device_id, 'wastebin', 1000000 + i, $1::timestamptz - i * interval '5 min',
+                   $1::timestamptz - i * interval '5 min',
+                   jsonb_build_object('fill_pct', (i % 100)::float8)
+            FROM (SELECT device_id FROM devices WHERE kind = 'wastebin'
+                  ORDER BY device_id LIMIT $2) d,
+                 generate_series(1, 288) i
+            """,
+            now,
+            HISTORY_DEVICES,
+        )
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+
+
+def _records(devices: int, per_device: int, now: datetime) -> list[tuple[str, bytes]]:
+    records = []
+    received = now.isoformat()
+    for round_ in range(per_device):
+        ts = (now - timedelta(seconds=per_device - round_)).isoformat()
+        for n in range(devices):
+            device_id, kind = f"dev-{n:06d}", KINDS[n % 4]
+            body = {
+                "device_id": device_id,
+                "kind": kind,
+                "ts": ts,
+                "seq": round_ + 1,
+                **_values(kind, n + round_),
+                "received_at": received,
+                "ingest_id": "bench",
+            }
+            records.append((device_id, orjson.dumps(body)))
+    return records
+
+
+async def _produce(bootstrap: str, topic: str, records: list[tuple[str, bytes]]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024, acks=1
+    )
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send(topic, key=key.encode(), value=value)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def _drain(
+    url: str, *, bootstrap: str, topics: Mapping[str, str], total: int, tag: str
+) -> dict[str, float]:
+    """Run the real projector until it has committed `total` records."""
+    pool = await asyncpg.create_pool(
+        url, min_size=2, max_size=4, server_settings={"timezone": "UTC"}
+    )
+    projector = Projector(
+        pool=pool,
+        bootstrap=bootstrap,
+        topics=[topics["telemetry"], topics["status"]],
+        telemetry_topic=topics["telemetry"],
+        group_id=f"api-projector-bench-{tag}",
+        metrics=create_metrics(CollectorRegistry()),
+        batch_max=5000,
+        fetch_timeout_ms=200,
+        partitions_ahead_days=3,
+        retention_days=dict.fromkeys(Kind, 3650),
+        maintenance_interval_s=3600,
+        client_id=f"bench-{tag}",
+    )
+    stop = asyncio.Event()
+    started = time.perf_counter()
+    task = asyncio.create_task(projector.run(stop))
+    first_at, first_count = 0.0, 0
+    try:
+        while projector.records < total:
+            if task.done():
+                task.result()
+                raise RuntimeError("projector stopped early")
+            if not first_at and projector.records:
+                first_at, first_count = time.perf_counter(), projector.records
+            await asyncio.sleep(0.01)
+        ended = time.perf_counter()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await pool.close()
+    steady = (total - first_count) / (ended - first_at) if ended > first_at else float("nan")
+    return {
+        "projector_drain_readings": total,
+        "projector_drain_wall_s": round(ended - started, 2),
+        "projector_drain_readings_per_s": round(steady),
+        "projector_drain_batches": projector.batches,
+    }
+
+
+async def _copy_baseline(url: str, records: list[tuple[str, bytes]]) -> dict[str, float]:
+    """COPY the same rows into a table shaped like `readings` (same primary key)."""
+    rows = []
+    for _, value in records:
+        body = orjson.loads(value)
+        received_at = datetime.fromisoformat(body.pop("received_at"))
+        body.pop("ingest_id")
+        rows.append(
+            (
+                body.pop("device_id"),
+                body.pop("kind"),
+                body.pop("seq"),
+                datetime.fromisoformat(body.pop("ts")),
+                received_at,
+                orjson.dumps(body).decode(),
+            )
+        )
+    conn = await asyncpg.connect(url, server_settings={"timezone": "UTC"})
+    try:
+        await conn.execute(
+            "CREATE TABLE readings_copy_baseline (LIKE readings INCLUDING DEFAULTS "
+            "INCLUDING CONSTRAINTS INCLUDING INDEXES)"
+        )
+        started = time.perf_counter()
+        await conn.copy_records_to_table(
+            "readings_copy_baseline",
+            records=rows,
+            columns=["device_id", "kind", "seq", "ts", "received_at", "reading"],
+        )
+        elapsed = time.perf_counter() - started
+    finally:
+        await conn.close()
+    return {
+        "baseline_copy_readings_per_s": round(len(rows) / elapsed),
+        "baseline_copy_s": round(elapsed, 2),
+    }
+
+
+async def _open_loop(
+    client: httpx.AsyncClient,
+    make_path: Callable[[random.Random], str],
+    *,
+    rate: float,
+    duration_s: float,
+    seed: int,
+) -> dict[str, float]:
+    """Send `rate` requests/s for `duration_s`; latency from each scheduled send time."""
+    rng = random.Random(seed)  # noqa: S311 - load pattern, not security
+    count = int(rate * duration_s)
+    latencies: list[float] = []
+    errors = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+
+    async def one(scheduled: float, path: str) -> None:
+        nonlocal errors
+        delay = scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            response = await client.get(path)
+            if response.status_code != 200:
+                errors += 1
+        except httpx.HTTPError:
+            errors += 1
+        latencies.append((loop.time() - scheduled) * 1000)
+
+    tasks = [asyncio.create_task(one(start + i / rate, make_path(rng))) for i in range(count)]
+    await asyncio.gather(*tasks)
+    elapsed = loop.time() - start
+    return {
+        "p50_ms": round(_percentile(latencies, 50), 2),
+        "p99_ms": round(_percentile(latencies, 99), 2),
+        "max_ms": round(max(latencies), 2),
+        "req_per_s": round(count / elapsed, 1),
+        "errors": errors,
+    }
+
+
+async def _max_throughput(
+    client: httpx.AsyncClient, make_path: Callable[[random.Random], str], *, seconds: float
+) -> float:
+    """Closed loop, 16 concurrent requests: how many device reads per second at most."""
+    rng = random.Random(7)  # noqa: S311
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await client.get(make_path(rng))
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(16)))
+    return round(done / (time.perf_counter() - started))
+
+
+@contextlib.asynccontextmanager
+async def _api_process(env: Mapping[str, str]) -> AsyncIterator[str]:
+    port = _free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CITYOPS_")}
+    full_env.update(env)
+    full_env.update(
+        CITYOPS_API_PORT=str(port),
+        CITYOPS_API_PROJECTOR_ENABLED="false",
+        CITYOPS_LOG_LEVEL="WARNING",
+        CITYOPS_DATABASE_POOL_MAX="10",
+    )
+    process = subprocess.Popen(  # noqa: S603, ASYNC220 - our own console script, starts at once
+        [str(_CITYOPS), "api"], env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base) as probe:
+            for _ in range(300):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await probe.get("/readyz")).status_code == 200:
+                        break
+                if process.poll() is not None:
+                    raise RuntimeError("cityops api exited during start-up")
+                await asyncio.sleep(0.1)
+        yield base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _topics(bootstrap: str, tag: str) -> dict[str, str]:
+    names = {
+        name: f"bench.api.{name}.{tag}"
+        for name in ("telemetry", "status", "tickets", "devices", "deadletter")
+    }
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(name, num_partitions=12, replication_factor=1) for name in names.values()]
+        )
+    finally:
+        await admin.close()
+    return names
+
+
+async def _delete_topics(bootstrap: str, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+def _bbox_path(rng: random.Random) -> str:
+    """A 0.02 x 0.02 degree box (about 1.4 x 2.2 km) somewhere over the fleet."""
+    lon, lat = 13.1 + rng.random() * 0.55, 52.3 + rng.random() * 0.35
+    return f"/v1/devices?limit=100&bbox={lon:.4f},{lat:.4f},{lon + 0.02:.4f},{lat + 0.02:.4f}"
+
+
+async def _reads(
+    base: str, key: str, *, devices: int, rate: float, duration_s: float
+) -> dict[str, Any]:
+    history = [f"dev-{n:06d}" for n in range(2, devices, 4)][:HISTORY_DEVICES]
+    scenarios: dict[str, Callable[[random.Random], str]] = {
+        "device": lambda r: f"/v1/devices/dev-{r.randrange(devices):06d}",
+        "list": lambda r: (
+            f"/v1/devices?kind={r.choice(KINDS)}&district=district-{r.randrange(DISTRICTS):02d}"
+            "&limit=100"
+        ),
+        "bbox": _bbox_path,
+        "readings_24h": lambda r: (
+            f"/v1/devices/{r.choice(history)}/readings?field=fill_pct&bucket=15m"
+        ),
+        "district_summary": lambda r: (
+            f"/v1/districts/district-{r.randrange(DISTRICTS):02d}/summary"
+        ),
+    }
+    results: dict[str, Any] = {}
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits) as client:
+        for path in ("/v1/devices/dev-000001", "/v1/districts/district-01/summary"):
+            response = await client.get(path)
+            if response.status_code != 200:
+                raise RuntimeError(f"{path}: {response.status_code} {response.text[:200]}")
+        for name, make_path in scenarios.items():
+            for _ in range(20):  # warm caches and connections
+                await client.get(make_path(random.Random(1)))  # noqa: S311
+            for metric, value in (
+                await _open_loop(client, make_path, rate=rate, duration_s=duration_s, seed=3)
+            ).items():
+                results[f"{name}_{metric}"] = value
+        results["device_max_req_per_s"] = await _max_throughput(
+            client, scenarios["device"], seconds=min(duration_s, 10)
+        )
+    return results
+
+
+async def run_api_bench(
+    env: Mapping[str, str],
+    *,
+    quick: bool = False,
+    devices: int | None = None,
+    rate: float = 200.0,
+    duration_s: float | None = None,
+) -> dict[str, Any]:
+    """The API suite: drain into state + history vs COPY, then reads at `rate` requests/s."""
+    devices = devices or (10_000 if quick else 100_000)
+    duration_s = duration_s or (5.0 if quick else 20.0)
+    per_device = 2
+    tag = uuid.uuid4().hex[:8]
+    bootstrap = env["CITYOPS_KAFKA_BOOTSTRAP"]
+    key = f"bench-{uuid.uuid4().hex}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    results: dict[str, Any] = {"devices": devices, "rate_target_req_per_s": rate}
+    topics = await _topics(bootstrap, tag)
+    try:
+        async with _database(env["CITYOPS_DATABASE_URL"], f"bench_api_{tag}") as url:
+            await _seed(url, devices=devices, now=now)
+            records = _records(devices, per_device, now)
+            await _produce(bootstrap, topics["telemetry"], records)
+            results.update(
+                await _drain(url, bootstrap=bootstrap, topics=topics, total=len(records), tag=tag)
+            )
+            results.update(await _copy_baseline(url, records))
+            results["ratio_to_baseline"] = round(
+                results["projector_drain_readings_per_s"] / results["baseline_copy_readings_per_s"],
+                3,
+            )
+            api_env = {
+                "CITYOPS_DATABASE_URL": url,
+                "CITYOPS_KAFKA_BOOTSTRAP": bootstrap,
+                "CITYOPS_API_BOOTSTRAP_KEY": key,
+                **{f"CITYOPS_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
+            }
+            async with _api_process(api_env) as base:
+                results.update(
+                    await _reads(base, key, devices=devices, rate=rate, duration_s=duration_s)
+                )
+    finally:
+        await _delete_topics(bootstrap, list(topics.values()))
+    return results
+
+
+def main() -> None:
+    """Print the suite's numbers as JSON (env from the process, e.g. .stack/cityops.env)."""
+    quick = "--quick" in sys.argv
+    env = {k: v for k, v in os.environ.items() if k.startswith("CITYOPS_")}
+    result = asyncio.run(run_api_bench(env, quick=quick))
+    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()
