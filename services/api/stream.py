@@ -141,7 +141,11 @@ class EventDecoder:
         )
 
 
-ConsumerFactory = Callable[[], AIOKafkaConsumer]
+def _end(subscription: Subscription) -> None:
+    """Queue end-of-stream, making room for it if the queue is full."""
+    if subscription.queue.full():
+        subscription.queue.get_nowait()
+    subscription.queue.put_nowait(None)
 
 
 class Broadcaster:
@@ -238,8 +242,7 @@ class Broadcaster:
                 # A slow client: end its stream; it may reconnect with Last-Event-ID.
                 subscription.overflowed = True
                 self._metrics.stream_dropped.inc()
-                subscription.queue.get_nowait()
-                subscription.queue.put_nowait(None)
+                _end(subscription)
                 continue
             self._metrics.stream_events.labels(event.event_type).inc()
 
@@ -304,8 +307,7 @@ class Broadcaster:
         """End every stream (shutdown): clients get end-of-stream, the consumer stops."""
         self._closed = True
         for subscription in list(self._everyone):
-            with contextlib.suppress(asyncio.QueueFull):
-                subscription.queue.put_nowait(None)
+            _end(subscription)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

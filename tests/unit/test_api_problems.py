@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Query
-from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from cityops.api.models import MEASURE_FIELDS
@@ -37,9 +37,14 @@ def make_app() -> FastAPI:
     return app
 
 
-def test_validation_errors_name_the_field() -> None:
-    client = TestClient(make_app(), raise_server_exceptions=False)
-    response = client.post("/things?limit=11", json={"fill_pct": "full"})
+def client() -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=make_app(), raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://api")
+
+
+async def test_validation_errors_name_the_field() -> None:
+    async with client() as http:
+        response = await http.post("/things?limit=11", json={"fill_pct": "full"})
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
@@ -47,14 +52,15 @@ def test_validation_errors_name_the_field() -> None:
     assert body["instance"] == "/things"
 
 
-def test_problems_carry_extensions_and_404_405_500_are_problems() -> None:
-    client = TestClient(make_app(), raise_server_exceptions=False)
-    conflict = client.get("/conflict").json()
-    assert conflict["type"].endswith("/stale-version")
-    assert conflict["current_version"] == 3
-    assert client.get("/nowhere").headers["content-type"] == "application/problem+json"
-    assert client.put("/conflict").status_code == 405
-    boom = client.get("/boom")
+async def test_problems_carry_extensions_and_404_405_500_are_problems() -> None:
+    async with client() as http:
+        conflict = (await http.get("/conflict")).json()
+        assert conflict["type"].endswith("/stale-version")
+        assert conflict["current_version"] == 3
+        missing = await http.get("/nowhere")
+        assert missing.headers["content-type"] == "application/problem+json"
+        assert (await http.put("/conflict")).status_code == 405
+        boom = await http.get("/boom")
     assert boom.status_code == 500
     assert "bug" not in boom.text
 
