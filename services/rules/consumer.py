@@ -34,6 +34,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 
 from cityops.common.events import decode_status
@@ -254,6 +255,7 @@ class RulesWorker:
             self._lagging = set(partitions)  # until a fetch shows them caught up
             if fresh:
                 await self._load(fresh)
+                self._adopt_unheard(self._devices.values(), fresh)
             self._joined = True
             log.info(
                 "partitions assigned",
@@ -279,6 +281,41 @@ class RulesWorker:
             self._states[state.device_id] = state
             self._schedule_restored(state)
         self._metrics.devices.set(len(self._states))
+
+    def _partition_of(self, device_id: str) -> int | None:
+        """The partition ingest's producer (murmur2, like the Java client) puts a device on."""
+        partitions = self._consumer.partitions_for_topic(self._settings.topic_telemetry)
+        if not partitions:
+            return None
+        return int(murmur2(device_id.encode()) & 0x7FFFFFFF) % len(partitions)
+
+    def _adopt_unheard(self, devices: Iterable[Device], partitions: Collection[int]) -> None:
+        """Start the offline clock of registry devices never heard from, from now.
+
+        A provisioned device that never speaks gets device_offline after intervals x its
+        reporting interval. The clock restarts at each assignment, so this can be late,
+        never early; the state is persisted only when something happens.
+        """
+        now = self._clock()
+        adopted = 0
+        for device in devices:
+            if device.device_id in self._states or not device.enabled:
+                continue
+            partition = self._partition_of(device.device_id)
+            if partition is None or partition not in partitions:
+                continue
+            state = DeviceState(device.device_id, device.kind, partition, last_seen=now)
+            state.persisted_seen = now  # nothing new to persist until it speaks
+            self._states[device.device_id] = state
+            profile = self._profile(device.device_id, device.kind)
+            if profile.offline_after_s is not None:
+                self._timers.schedule(
+                    (OFFLINE, device.device_id, ""), now + profile.offline_after_s
+                )
+            adopted += 1
+        if adopted:
+            self._metrics.devices.set(len(self._states))
+            log.info("watching registry devices not heard from yet", extra={"devices": adopted})
 
     def _schedule_restored(self, state: DeviceState) -> None:
         profile = self._profile(state.device_id, state.kind)
@@ -381,6 +418,8 @@ class RulesWorker:
                     key = (OFFLINE, device.device_id, "")
                     if key in self._timers:
                         self._timers.schedule(key, state.last_seen + profile.offline_after_s)
+        if self._owned and not full:
+            self._adopt_unheard(devices, self._owned)
         self._registry_miss_at = 0.0
         if devices or districts_changed:
             log.info(

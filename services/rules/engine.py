@@ -334,9 +334,11 @@ def on_offline_due(state: DeviceState, profile: Profile, now: float, fx: Effects
     if now < deadline:
         fx.schedule((OFFLINE, state.device_id, ""), deadline)
         return
+    heard = state.last_seq >= 0 or state.last_status_offset >= 0
     details = {
-        "reason": "silent",
-        "last_seen_at": iso(state.last_seen),
+        # never_heard: a registry device that has not sent anything since it was watched
+        "reason": "silent" if heard else "never_heard",
+        "last_seen_at" if heard else "watched_since": iso(state.last_seen),
         "silent_s": round(now - state.last_seen, 3),
         "reporting_interval_s": profile.interval_s,
     }

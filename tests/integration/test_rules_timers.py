@@ -58,6 +58,27 @@ async def test_silent_device_goes_offline_within_three_intervals_and_recovers(
         await wait_ticket(database_url, device_id=silent, rule="device_offline", status="resolved")
 
 
+async def test_registry_devices_never_heard_from_go_offline(
+    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+) -> None:
+    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    suffix = uuid.uuid4().hex[:6]
+    early, late = f"mh-early-{suffix}", f"mh-late-{suffix}"
+    await register(database_url, Device(device_id=early, kind=Kind.MANHOLE, reporting_interval_s=1))
+    async with running_worker(env.settings()):
+        started = now()
+        # provisioned while the service runs: picked up by the registry refresh (1 s here)
+        await register(
+            database_url, Device(device_id=late, kind=Kind.MANHOLE, reporting_interval_s=1)
+        )
+        for device_id in (early, late):
+            ticket = await wait_ticket(
+                database_url, device_id=device_id, rule="device_offline", within_s=15
+            )
+            assert orjson.loads(ticket["details"])["reason"] == "never_heard"
+            assert (ticket["opened_at"] - started).total_seconds() >= 2.5
+
+
 def short_sla_rules(tmp_path: Path) -> Path:
     """The default rules with bin_full due after 2 s."""
     text = default_rules_path().read_text(encoding="utf-8")
