@@ -73,6 +73,13 @@ class SimClock:
         back = timedelta(days=1) if lookback is None else lookback
         return cls(wall_now - back, wall_now, accelerate)
 
+    def caught_up(self, wall_now: datetime) -> bool:
+        """Whether an accelerated clock has reached the wall clock (and now runs live)."""
+        return (
+            self.accelerate > 1
+            and self.sim_start + (wall_now - self.wall_start) * self.accelerate >= wall_now
+        )
+
     def now(self, wall_now: datetime) -> datetime:
         """Simulated time at wall time `wall_now`."""
         simulated = self.sim_start + (wall_now - self.wall_start) * self.accelerate

@@ -316,6 +316,7 @@ class _Runner:
         self.summary = summary
         self.on_message = on_message
         self.started = time.monotonic()
+        self.live = options.accelerate <= 1
         if options.rate is not None:
             self.schedule = Schedule.at_rate(fleet, rate=options.rate, start_s=0.0)
         else:
@@ -348,6 +349,12 @@ class _Runner:
                 continue
             wall = datetime.now(UTC)
             simulated = self.clock.now(wall)
+            if options.rate is None and not self.live and self.clock.caught_up(wall):
+                # the replay has reached the present: devices report at their real intervals
+                self.live = True
+                schedule = self.schedule = Schedule.natural(fleet, accelerate=1.0, start_s=elapsed)
+                log.info("simulated clock caught up with the wall clock; running live")
+                continue
             for index in schedule.pop_due(elapsed, limit=MAX_BATCH):
                 for message in fleet.report(index, simulated):
                     await self._send(index, message)

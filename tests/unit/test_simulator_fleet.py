@@ -27,6 +27,9 @@ def test_an_accelerated_clock_replays_the_last_day_then_runs_live() -> None:
     # after 24 wall minutes it has caught up, and never runs ahead of the wall clock
     late = WALL + timedelta(minutes=30)
     assert clock.now(late) == late
+    assert not clock.caught_up(WALL + timedelta(minutes=23))
+    assert clock.caught_up(WALL + timedelta(minutes=25))
+    assert not SimClock.starting(WALL, accelerate=1.0).caught_up(late)
 
 
 def test_a_real_time_clock_is_the_wall_clock() -> None:

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
 
+import pytest
+from prometheus_client import CollectorRegistry
+
+from cityops.common.events import parse_reading
 from cityops.common.kinds import RejectReason
-from cityops.simulator.main import RunOptions, build_parser, options_from_args
+from cityops.simulator.city import build_city
+from cityops.simulator.fleet import Fleet, SimClock
+from cityops.simulator.main import (
+    RunOptions,
+    RunSummary,
+    SimulatorMetrics,
+    _Runner,
+    build_parser,
+    options_from_args,
+)
+from cityops.simulator.publisher import PublishStats
 from cityops.simulator.settings import SimulatorSettings
 
 
@@ -88,3 +104,46 @@ def test_the_city_follows_the_rules_settings_unless_a_flag_says_otherwise(
     assert options_from_args(parser.parse_args([]), place).place == place
     assert options_from_args(parser.parse_args(["--city", "oslo"]), place).place.name == "Oslo"
     assert options_from_args(parser.parse_args([])).place.name == "Amsterdam"
+
+
+class RecordingPublisher:
+    """Stands in for an MQTT connection: records what would be published."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, str, bytes]] = []
+        self.connected = True
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        self.sent.append((time.monotonic(), topic, payload))
+
+
+async def test_an_accelerated_replay_catches_up_then_runs_live() -> None:
+    options = RunOptions(devices_per_kind=1, districts=1, accelerate=100_000.0, incidents=False)
+    city = build_city(place=options.place, devices_per_kind=1, district_count=1)
+    wall = datetime.now(UTC)
+    clock = SimClock.starting(wall, accelerate=options.accelerate)
+    fleet = Fleet(city, start=clock.now(wall), radio_effects=False, early_incidents=False)
+    stop = asyncio.Event()
+    recorder = RecordingPublisher()
+    runner = _Runner(
+        options=options,
+        fleet=fleet,
+        clock=clock,
+        publishers=[recorder],  # type: ignore[list-item]
+        metrics=SimulatorMetrics(CollectorRegistry()),
+        stop=stop,
+        summary=RunSummary(stats=PublishStats(), fleet_devices=len(fleet), duration_s=0.0),
+        on_message=None,
+    )
+    task = asyncio.create_task(runner.publish_loop())
+    await asyncio.sleep(2.0)  # a simulated day takes 0.86 s at this speed
+    stop.set()
+    await task
+    assert runner.live
+    stamps = [parse_reading(payload).ts for _, _, payload in recorder.sent]
+    assert len(stamps) > 500  # the replay: a day of readings in under a second
+    assert stamps[0] < wall - timedelta(hours=20)
+    assert max(stamps) <= datetime.now(UTC)  # never in the future (clock_skew)
+    assert max(stamps) > wall - timedelta(seconds=5)
+    last_half_second = [at for at, _, _ in recorder.sent if at > time.monotonic() - 0.5]
+    assert len(last_half_second) <= 4  # live: the parking spot reports once a minute
