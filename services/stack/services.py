@@ -8,7 +8,10 @@ as background processes with pid files and logs under `.stack/`, each with the s
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,25 @@ SERVICES = (
     ),
 )
 READY_TIMEOUT_S = 60.0
+TARGETS_TIMEOUT_S = 30.0  # a few of Prometheus' 5 s scrape intervals
+PROMETHEUS_TARGETS_URL = "http://127.0.0.1:9090/api/v1/targets?state=active"
+
+
+def prometheus_targets() -> dict[str, str]:
+    """Scrape URL -> health ("up", "down", "unknown") of every active Prometheus target."""
+    with urllib.request.urlopen(PROMETHEUS_TARGETS_URL, timeout=5) as response:
+        body = json.load(response)
+    return {t["scrapeUrl"]: t["health"] for t in body["data"]["activeTargets"]}
+
+
+def wait_targets_up(timeout_s: float = TARGETS_TIMEOUT_S) -> dict[str, str]:
+    """Wait (bounded) until Prometheus has scraped every target successfully; return health."""
+    deadline = time.monotonic() + timeout_s
+    health = prometheus_targets()
+    while any(state != "up" for state in health.values()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        health = prometheus_targets()
+    return health
 
 
 def _cityops_executable() -> Path:
@@ -93,6 +115,10 @@ def cmd_services_up(paths: StackPaths) -> int:
                     alive=alive,
                 )
             )
+    health = wait_targets_up()
+    print("\nPrometheus targets:", flush=True)
+    for url, state in sorted(health.items()):
+        print(f"  {state:<7} {url}", flush=True)
     print(
         "\ncityops is running:\n"
         "  API            http://127.0.0.1:8000/docs  (OpenAPI at /openapi.json)\n"
@@ -109,7 +135,7 @@ def cmd_services_up(paths: StackPaths) -> int:
         "\nstop everything with `make down`.",
         flush=True,
     )
-    return 0
+    return 0 if all(state == "up" for state in health.values()) else 1
 
 
 def cmd_services_down(paths: StackPaths) -> int:
