@@ -88,6 +88,7 @@ class MqttPublisher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._connected = asyncio.Event()
+        self._connack = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._refused: ReasonCode | None = None
         self._stopping = False
@@ -145,11 +146,13 @@ class MqttPublisher:
         except OSError as exc:
             raise MqttConnectError(f"cannot reach {self._host}:{self._port}: {exc}") from exc
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout=timeout)
+            await asyncio.wait_for(self._connack.wait(), timeout=timeout)
         except TimeoutError:
             await self._teardown()
-            reason = self._refused or "no CONNACK"
-            raise MqttConnectError(f"{self.client_id}: {reason}") from None
+            raise MqttConnectError(f"{self.client_id}: no CONNACK within {timeout} s") from None
+        if self._refused is not None:
+            await self._teardown()
+            raise MqttConnectError(f"{self.client_id}: CONNECT refused: {self._refused}")
 
     # --- paho callbacks (run on the event loop's thread) ---------------------------------
 
@@ -161,6 +164,7 @@ class MqttPublisher:
         reason_code: ReasonCode,
         _properties: Properties | None,
     ) -> None:
+        self._connack.set()
         if reason_code.is_failure:
             self._refused = reason_code
             log.warning(

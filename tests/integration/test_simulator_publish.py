@@ -14,6 +14,7 @@ from cityops.common.events import parse_reading
 from cityops.common.kinds import RejectReason
 from cityops.simulator.city import PLACES
 from cityops.simulator.main import RunOptions, run
+from cityops.simulator.publisher import MqttConnectError, MqttPublisher, PublishStats
 from cityops.simulator.settings import SimulatorSettings
 from tests.helpers import MqttTestClient, wait_for
 from tests.integration.conftest import MqttSettings, edit_devices
@@ -186,3 +187,18 @@ async def test_one_connection_per_device_with_its_own_credentials(
     finally:
         listener.close()
         await asyncio.to_thread(edit_devices, mqtt_settings, add={}, remove=device_ids)
+
+
+async def test_a_refused_connect_fails_fast_with_the_reason(mqtt_settings: MqttSettings) -> None:
+    publisher = MqttPublisher(
+        host=mqtt_settings.host,
+        port=mqtt_settings.port,
+        client_id=f"it-bad-{uuid.uuid4().hex[:6]}",
+        username=mqtt_settings.gateway_username,
+        password="not-the-password",
+        stats=PublishStats(),
+    )
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(MqttConnectError, match="refused"):
+        await publisher.connect(timeout=10.0)
+    assert asyncio.get_running_loop().time() - started < 5.0
