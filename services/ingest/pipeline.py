@@ -10,6 +10,7 @@ stays bounded; the broker keeps everything else in the persistent session.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -47,14 +48,10 @@ class Source(Protocol):
 class Sink(Protocol):
     """What the pipeline needs from the Kafka side."""
 
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> asyncio.Future[Any]:
-        """Queue a record; the future resolves when Kafka has it."""
+    async def send_many(
+        self, records: Sequence[_Pending]
+    ) -> list[tuple[asyncio.Future[Any], list[_Pending]]]:
+        """Queue records; one future per group of them, resolved when Kafka has the group."""
 
 
 @dataclass(slots=True, eq=False)
@@ -155,10 +152,17 @@ class Pipeline:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                batch, received_at, received_mono = self._queue.popleft()
-                for inbound in batch:
-                    self._queued -= 1
-                    await self._process(inbound, received_at, received_mono)
+                # Everything received since the last turn goes to Kafka together: one record
+                # batch per (topic, partition), one delivery future per batch.
+                entries: list[_Pending] = []
+                while self._queue:
+                    batch, received_at, received_mono = self._queue.popleft()
+                    self._queued -= len(batch)
+                    entries.extend(
+                        self._process(inbound, received_at, received_mono) for inbound in batch
+                    )
+                self._pending.extend(entries)
+                await self._send(entries)
             self._metrics.in_flight.set(self.in_flight)
             if not self._pending:
                 self._idle.set()
@@ -175,7 +179,7 @@ class Pipeline:
             return False
         return True
 
-    async def _process(self, inbound: Inbound, received_at: datetime, received_mono: float) -> None:
+    def _process(self, inbound: Inbound, received_at: datetime, received_mono: float) -> _Pending:
         stats = self.stats
         stats.received += 1
         try:
@@ -232,25 +236,26 @@ class Pipeline:
                 inbound.payload,  # the original bytes, untouched
                 headers,
             )
-        self._pending.append(entry)
-        await self._send(entry)
+        return entry
 
-    async def _send(self, entry: _Pending) -> None:
+    async def _send(self, entries: list[_Pending]) -> None:
         try:
-            future = await self._sink.send(entry.topic, entry.key, entry.value, entry.headers)
+            groups = await self._sink.send_many(entries)
         except Exception as exc:  # any producer error means "retry later", never drop
             failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
-            future = failed
-        entry.future = future
-        future.add_done_callback(lambda done: self._on_delivered(entry, done))
+            groups = [(failed, entries)]
+        for future, group in groups:
+            for entry in group:
+                entry.future = future
+            future.add_done_callback(functools.partial(self._on_delivered, group))
 
     # ---- delivery and acks ---------------------------------------------------------------
 
-    def _on_delivered(self, entry: _Pending, future: asyncio.Future[Any]) -> None:
+    def _on_delivered(self, group: list[_Pending], future: asyncio.Future[Any]) -> None:
         exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
         if exc is not None:
-            self._retry(entry, exc)
+            self._retry(group, exc)
             return
         pending = self._pending
         source = self._source
@@ -280,30 +285,34 @@ class Pipeline:
         if not pending and not self._queue:
             self._idle.set()
 
-    def _retry(self, entry: _Pending, exc: BaseException) -> None:
-        entry.future = None
-        entry.attempts += 1
-        self.stats.delivery_failures += 1
+    def _retry(self, group: list[_Pending], exc: BaseException) -> None:
+        attempts = 0
+        for entry in group:
+            entry.future = None  # holds back every later ack until the resend is delivered
+            entry.attempts += 1
+            attempts = max(attempts, entry.attempts)
+        self.stats.delivery_failures += len(group)
         self.last_delivery_error = time.monotonic()
-        self._metrics.kafka_errors.inc()
-        delay = min(0.2 * 2 ** min(entry.attempts, 10), _MAX_RETRY_DELAY_S)
+        self._metrics.kafka_errors.inc(len(group))
+        delay = min(0.2 * 2 ** min(attempts, 10), _MAX_RETRY_DELAY_S)
         now = time.monotonic()
-        if now - self._last_error_log >= 1.0:  # one line a second, not one per record
+        if now - self._last_error_log >= 1.0:  # one line a second, not one per batch
             self._last_error_log = now
             log.warning(
                 "kafka delivery failed, retrying: %s",
                 exc,
                 extra={
-                    "topic": entry.topic,
-                    "attempt": entry.attempts,
+                    "topic": group[0].topic,
+                    "records": len(group),
+                    "attempt": attempts,
                     "in_flight": self.in_flight,
                 },
             )
         loop = asyncio.get_running_loop()
-        loop.call_later(delay, self._start_resend, entry)
+        loop.call_later(delay, self._start_resend, group)
 
-    def _start_resend(self, entry: _Pending) -> None:
-        task = asyncio.get_running_loop().create_task(self._send(entry))
+    def _start_resend(self, group: list[_Pending]) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(group))
         self._retry_tasks.add(task)
         task.add_done_callback(self._retry_tasks.discard)
 

@@ -11,6 +11,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from cityops.common.kinds import Kind
+from cityops.ingest.kafka_sink import R
 from cityops.ingest.metrics import IngestMetrics
 from cityops.ingest.mqtt_source import Inbound
 from cityops.ingest.pipeline import Pipeline
@@ -27,23 +28,32 @@ class Registry:
 
 
 class FakeSink:
-    """Records sends; the test decides when (and whether) each delivery succeeds."""
+    """Records sends; the test decides when (and whether) each delivery succeeds.
 
-    def __init__(self) -> None:
+    By default every record is its own batch (one future each); with `by_topic` the records of
+    one `send_many` call are grouped per topic, the way the real sink groups per partition.
+    """
+
+    def __init__(self, *, by_topic: bool = False) -> None:
+        self.by_topic = by_topic
         self.sent: list[tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes]] | None]] = []
         self.futures: list[asyncio.Future[Any]] = []
+        self.calls = 0
 
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> asyncio.Future[Any]:
-        self.sent.append((topic, key, value, headers))
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.futures.append(future)
-        return future
+    async def send_many(self, records: Sequence[R]) -> list[tuple[asyncio.Future[Any], list[R]]]:
+        self.calls += 1
+        loop = asyncio.get_running_loop()
+        groups: dict[str, list[R]] = {}
+        out: list[tuple[asyncio.Future[Any], list[R]]] = []
+        for record in records:
+            self.sent.append((record.topic, record.key, record.value, record.headers))
+            if self.by_topic:
+                groups.setdefault(record.topic, []).append(record)
+            else:
+                out.append((loop.create_future(), [record]))
+        out.extend((loop.create_future(), group) for group in groups.values())
+        self.futures.extend(future for future, _ in out)
+        return out
 
 
 class FakeSource:
@@ -64,7 +74,9 @@ class FakeSource:
         self.resumed += 1
 
 
-def make(max_in_flight: int = 100) -> tuple[Pipeline, FakeSink, FakeSource]:
+def make(
+    max_in_flight: int = 100, *, by_topic: bool = False
+) -> tuple[Pipeline, FakeSink, FakeSource]:
     validator = Validator(
         registry=Registry(),
         telemetry_limiter=TokenBuckets(rate_per_s=1000, burst=1000),
@@ -72,7 +84,7 @@ def make(max_in_flight: int = 100) -> tuple[Pipeline, FakeSink, FakeSource]:
         ingest_id="unit",
         topics=OutputTopics(telemetry="tel", status="st", deadletter="dl"),
     )
-    sink = FakeSink()
+    sink = FakeSink(by_topic=by_topic)
     source = FakeSource()
     pipeline = Pipeline(
         validator=validator,
@@ -185,5 +197,75 @@ async def test_invalid_utf8_topic_is_dead_lettered() -> None:
     assert dict(headers or [])["reason"] == b"topic"
     sink.futures[0].set_result(None)
     await wait_for(lambda: source.acked == [9], timeout=2)
+    assert await pipeline.close(within_s=1)
+    await runner
+
+
+async def test_one_turn_goes_out_as_one_batch_per_topic_and_acks_keep_receive_order() -> None:
+    pipeline, sink, source = make(by_topic=True)
+    runner = asyncio.create_task(pipeline.run())
+    # Interleaved: tel, dl, tel, dl, tel -> two batches, each spanning the others' entries.
+    pipeline.submit(
+        [
+            inbound(1),
+            inbound(2, payload=b"junk"),
+            inbound(3),
+            inbound(4, payload=b"{}"),
+            inbound(5),
+        ]
+    )
+    await wait_for(lambda: len(sink.sent) == 5, timeout=2)
+    assert sink.calls == 1
+    assert len(sink.futures) == 2  # tel batch (1, 3, 5), dl batch (2, 4)
+    tel, dl = sink.futures
+    dl.set_result(None)  # the later batch first: 1 is not delivered, nothing may be acked
+    await asyncio.sleep(0)
+    assert source.acked == []
+    tel.set_result(None)
+    await wait_for(lambda: source.acked == [1, 2, 3, 4, 5], timeout=2)
+    assert pipeline.in_flight == 0
+    assert await pipeline.close(within_s=1)
+    await runner
+
+
+async def test_a_failed_batch_is_resent_whole_and_holds_back_only_what_follows_it() -> None:
+    pipeline, sink, source = make(by_topic=True)
+    runner = asyncio.create_task(pipeline.run())
+    pipeline.submit([inbound(1), inbound(2, payload=b"junk"), inbound(3)])
+    await wait_for(lambda: len(sink.futures) == 2, timeout=2)
+    tel, dl = sink.futures
+    tel.set_exception(ConnectionError("broker gone"))  # 1 and 3 failed together
+    dl.set_result(None)
+    await asyncio.sleep(0.05)
+    assert source.acked == []  # 2 is delivered but 1 ahead of it is not
+    await wait_for(lambda: len(sink.futures) == 3, timeout=3)  # the resend: one batch, 1 and 3
+    assert [s[2] for s in sink.sent[3:]] == [sink.sent[0][2], sink.sent[2][2]]
+    assert pipeline.stats.delivery_failures == 2
+    sink.futures[2].set_result(None)
+    await wait_for(lambda: source.acked == [1, 2, 3], timeout=2)
+    assert await pipeline.close(within_s=1)
+    await runner
+
+
+async def test_a_sink_that_raises_is_retried_like_a_failed_delivery() -> None:
+    pipeline, sink, source = make()
+    calls = 0
+    real_send_many = sink.send_many
+
+    async def flaky(records: Sequence[R]) -> list[tuple[asyncio.Future[Any], list[R]]]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("producer closed")
+        return await real_send_many(records)
+
+    sink.send_many = flaky  # type: ignore[method-assign]
+    runner = asyncio.create_task(pipeline.run())
+    pipeline.submit([inbound(1), inbound(2)])
+    await wait_for(lambda: len(sink.futures) == 2, timeout=3)
+    for future in sink.futures:
+        future.set_result(None)
+    await wait_for(lambda: source.acked == [1, 2], timeout=2)
+    assert pipeline.stats.delivery_failures == 2
     assert await pipeline.close(within_s=1)
     await runner
