@@ -27,7 +27,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 256 * 1024
+_HAND_OVER = 512  # messages per batch handed to the pipeline
 SUBSCRIPTIONS = ("city/+/+/telemetry", "city/+/+/status")
+_PUBACK = b"\x40\x02"  # PUBACK fixed header + remaining length 2; the packet id follows
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,45 @@ class Inbound:
     topic: bytes
     payload: bytes
     generation: int
+
+
+def parse_qos1_publishes(
+    buf: bytes | bytearray, pos: int, limit: int, out: list[tuple[int, bytes, bytes]]
+) -> int:
+    """Parse consecutive complete MQTT 3.1.1 QoS 1 PUBLISH packets from `buf[pos:]`.
+
+    Appends up to `limit` (packet id, topic bytes, payload) to `out` and returns the position
+    after the last one parsed. Stops, leaving the bytes for paho, at anything else: another
+    packet type or QoS, an incomplete packet, or a malformed one (paho then reports it).
+    """
+    end_of_data = len(buf)
+    while limit > 0 and pos < end_of_data:
+        # Type 3 (PUBLISH) with QoS bits 01; DUP (0x08) and RETAIN (0x01) may be either.
+        if buf[pos] & 0xF6 != 0x32:
+            break
+        length = 0
+        shift = 0
+        i = pos + 1
+        while True:
+            if i >= end_of_data or shift > 21:
+                return pos  # incomplete (or a malformed 5+ byte length): paho's turn
+            byte = buf[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+            shift += 7
+        end = i + length
+        if end > end_of_data:
+            break
+        topic_end = i + 2 + (buf[i] << 8 | buf[i + 1]) if length >= 2 else end + 1
+        if topic_end + 2 > end:
+            break  # malformed: topic and packet id do not fit
+        mid = buf[topic_end] << 8 | buf[topic_end + 1]
+        out.append((mid, bytes(buf[i + 2 : topic_end]), bytes(buf[topic_end + 2 : end])))
+        pos = end
+        limit -= 1
+    return pos
 
 
 class _BufferedClient(paho.Client):
@@ -109,6 +150,9 @@ class MqttSource:
         self._sock: socket.socket | None = None
         self._batch: list[Inbound] = []
         self._paused = False
+        self._flush_scheduled = False
+        self._fast_publish = not self._v5  # MQTT 5 PUBLISH carries properties: paho parses them
+        self._parsed: list[tuple[int, bytes, bytes]] = []
         self._misc_timer: asyncio.TimerHandle | None = None
         self._disconnected: asyncio.Event = asyncio.Event()
         self._subscribed: asyncio.Event = asyncio.Event()
@@ -224,11 +268,18 @@ class MqttSource:
                 self._drain_buffer()
 
     def ack(self, mid: int, generation: int) -> None:
-        """PUBACK one message, unless it came on an earlier connection (then it is redelivered)."""
+        """PUBACK one message, unless it came on an earlier connection (then it is redelivered).
+
+        The 4-byte packet goes straight into the write buffer (paho keeps no state for inbound
+        QoS 1, so this is what `client.ack` would queue); one `send` per loop turn carries all.
+        """
         if generation != self.generation or self._sock is None:
             return
-        self._client.ack(mid, 1)
+        self._client.wbuf += _PUBACK + mid.to_bytes(2, "big")
         self.acks_sent += 1
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def flush(self) -> None:
         """Write queued PUBACKs now (one send for all of them)."""
@@ -354,13 +405,38 @@ class MqttSource:
     def _drain_buffer(self) -> None:
         client = self._client
         while (client.rbuf or client.eof) and not self._paused and self._sock is not None:
+            # The hot path: complete QoS 1 PUBLISH packets are parsed here, straight from the
+            # buffer; everything else (CONNACK, SUBACK, PINGRESP, partial packets) is paho's.
+            if self._fast_publish and client._in_packet["command"] == 0 and self._parse_fast():
+                continue
             rc = client.loop_read()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
-            if len(self._batch) >= 512:
+            if len(self._batch) >= _HAND_OVER:
                 self._hand_over()
         self._hand_over()
         self._flush()
+
+    def _parse_fast(self) -> bool:
+        """Take the complete QoS 1 PUBLISH packets at the buffer's head; False if none."""
+        client = self._client
+        parsed = self._parsed
+        room = _HAND_OVER - len(self._batch)
+        end = parse_qos1_publishes(client.rbuf, client.rpos, max(room, 1), parsed)
+        if not parsed:
+            return False
+        generation = self.generation
+        self._batch.extend(Inbound(mid, topic, body, generation) for mid, topic, body in parsed)
+        parsed.clear()
+        if end == len(client.rbuf):
+            client.rbuf.clear()
+            client.rpos = 0
+        else:
+            client.rpos = end
+        client._last_bytes_received = paho.time_func()  # paho's keepalive clock
+        if len(self._batch) >= _HAND_OVER:
+            self._hand_over()
+        return True
 
     def _hand_over(self) -> None:
         if self._batch:
@@ -368,6 +444,7 @@ class MqttSource:
             self._on_messages(batch)
 
     def _flush(self) -> None:
+        self._flush_scheduled = False
         client = self._client
         sock = self._sock
         if sock is None or not client.wbuf:
