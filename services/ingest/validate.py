@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
+import orjson
 from pydantic import ValidationError
 
 from cityops.common.events import (
+    READING_ADAPTER,
     STATUS_ADAPTER,
+    Reading,
     StatusEvent,
     encode_status,
-    encode_telemetry,
-    parse_reading,
 )
 from cityops.common.kinds import Kind, RejectReason
 from cityops.common.topics import (
@@ -29,6 +30,9 @@ from cityops.common.topics import (
     parse_topic,
 )
 from cityops.ingest.ratelimit import TokenBuckets
+
+_READING_VALIDATOR = READING_ADAPTER.validator
+_READING_SERIALIZER = READING_ADAPTER.serializer
 
 MAX_DETAIL_CHARS = 400
 MAX_TOPIC_HEADER_BYTES = 1024
@@ -106,6 +110,7 @@ class Validator:
         topics: OutputTopics = OutputTopics(),
         max_payload_bytes: int = 4096,
         clock_skew_s: float = 300.0,
+        max_topics_cached: int = 200_000,
     ) -> None:
         self._registry = registry
         self._telemetry_limiter = telemetry_limiter
@@ -114,6 +119,12 @@ class Validator:
         self._topics = topics
         self._max_payload_bytes = max_payload_bytes
         self._skew = timedelta(seconds=clock_skew_s)
+        # Valid topics parsed before (a device publishes on the same two all its life).
+        self._topics_seen: dict[str, tuple[DeviceTopic, bytes]] = {}
+        self._max_topics_seen = max_topics_cached
+        # The suffix `,"received_at":…,"ingest_id":…}` for the current receive time.
+        self._suffix_at: datetime | None = None
+        self._suffix = b""
 
     @property
     def topics(self) -> OutputTopics:
@@ -122,14 +133,19 @@ class Validator:
 
     def validate(self, mqtt_topic: str, payload: bytes, now: datetime) -> Accepted | Rejected:
         """Run every check in order; the first failure decides the reason."""
-        try:
-            where = parse_topic(mqtt_topic)
-        except TopicError as exc:
-            key = _device_id_guess(mqtt_topic)
-            if len(payload) > self._max_payload_bytes:
-                return Rejected(RejectReason.TOO_LARGE, self._too_large(payload), key)
-            return Rejected(RejectReason.TOPIC, clip(str(exc)), key)
-        key = where.device_id.encode()
+        parsed = self._topics_seen.get(mqtt_topic)
+        if parsed is None:
+            try:
+                where = parse_topic(mqtt_topic)
+            except TopicError as exc:
+                key = _device_id_guess(mqtt_topic)
+                if len(payload) > self._max_payload_bytes:
+                    return Rejected(RejectReason.TOO_LARGE, self._too_large(payload), key)
+                return Rejected(RejectReason.TOPIC, clip(str(exc)), key)
+            if len(self._topics_seen) >= self._max_topics_seen:
+                self._topics_seen.clear()  # a forgotten topic is merely parsed again
+            parsed = self._topics_seen[mqtt_topic] = (where, where.device_id.encode())
+        where, key = parsed
         if len(payload) > self._max_payload_bytes:
             return Rejected(
                 RejectReason.TOO_LARGE, self._too_large(payload), key, where.kind, where.channel
@@ -148,7 +164,9 @@ class Validator:
             return Rejected(reason, clip(detail), key, where.kind, where.channel)
 
         try:
-            reading = parse_reading(payload)
+            # The adapter's core validator: TypeAdapter.validate_json's Python wrapper costs as
+            # much as the validation itself (same schema, same result as `parse_reading`).
+            reading: Reading = _READING_VALIDATOR.validate_json(payload)
         except ValidationError as exc:
             if _is_json_error(exc):
                 return reject(RejectReason.NOT_JSON, f"not JSON: {exc.errors()[0]['msg']}")
@@ -171,7 +189,7 @@ class Validator:
             return reject(RejectReason.CLOCK_SKEW, self._skew_detail(reading.ts, now))
         if not self._telemetry_limiter.allow(where.device_id, reading.ts.timestamp()):
             return reject(RejectReason.RATE_LIMITED, "device exceeded its reading rate budget")
-        value = encode_telemetry(reading, received_at=now, ingest_id=self._ingest_id)
+        value = self._encode_telemetry(reading, now)
         return Accepted(self._topics.telemetry, key, value, where.kind, where.channel, reading.ts)
 
     def _status(
@@ -205,6 +223,24 @@ class Validator:
         return Accepted(
             self._topics.status, key, encode_status(event), where.kind, where.channel, status.ts
         )
+
+    def _encode_telemetry(self, reading: Reading, now: datetime) -> bytes:
+        """`encode_telemetry`'s record, built from pydantic's own JSON plus a cached suffix.
+
+        The same fields and values (tested against `encode_telemetry`) at about half the cost:
+        no intermediate dict, and `received_at` is formatted once per received batch.
+        """
+        if now is not self._suffix_at:
+            self._suffix_at = now
+            self._suffix = (
+                b',"received_at":'
+                + orjson.dumps(now.isoformat())
+                + b',"ingest_id":'
+                + orjson.dumps(self._ingest_id)
+                + b"}"
+            )
+        body: bytes = _READING_SERIALIZER.to_json(reading, exclude_none=True)
+        return body[:-1] + self._suffix
 
     def _registered(self, where: DeviceTopic) -> str | None:
         """None when the topic's device is registered, enabled and of the topic's kind."""

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from cityops.common.events import decode_status, decode_telemetry
+from cityops.common.events import decode_status, decode_telemetry, encode_telemetry, parse_reading
 from cityops.common.kinds import Kind, RejectReason
 from cityops.ingest.ratelimit import TokenBuckets
 from cityops.ingest.validate import (
@@ -287,3 +287,45 @@ def test_huge_topics_are_clipped_in_headers() -> None:
     headers = dict(deadletter_headers(result, mqtt_topic=huge, received_at=NOW, ingest_id="i"))
     assert len(headers["mqtt_topic"]) <= 1024
     assert len(result.detail) <= MAX_DETAIL_CHARS
+
+
+@pytest.mark.parametrize("kind", sorted(FIELDS))
+def test_the_record_is_exactly_what_encode_telemetry_makes(kind: str) -> None:
+    """The validator builds the record its own (faster) way; the content must not differ."""
+    validator = make_validator()
+    optional = {"battery_pct": 55.5, "rssi_dbm": -71.0}
+    for payload in (reading(kind), reading(kind, **optional), reading(kind, seq=2**63 - 1)):
+        result = validator.validate(topic(kind), payload, NOW)
+        assert isinstance(result, Accepted), result
+        expected = encode_telemetry(
+            parse_reading(payload), received_at=NOW, ingest_id="ingest-test-1"
+        )
+        assert orjson.loads(result.value) == orjson.loads(expected)
+    later = NOW + timedelta(seconds=1)  # a new receive time is not served from the cache
+    result = validator.validate(topic(kind), reading(kind, seq=8), later)
+    assert isinstance(result, Accepted)
+    assert decode_telemetry(result.value).received_at == later
+
+
+def test_a_cached_topic_still_gets_every_check() -> None:
+    validator = make_validator()
+    first = validator.validate(topic("parking"), reading("parking"), NOW)
+    assert isinstance(first, Accepted)
+    spoof = validator.validate(topic("parking"), reading("parking", device_id="pk-0002"), NOW)
+    assert rejected(spoof).reason is RejectReason.ID_MISMATCH
+    assert rejected(spoof).key == b"pk-0001"
+    big = validator.validate(topic("parking"), b" " * 5000, NOW)
+    assert rejected(big).reason is RejectReason.TOO_LARGE
+
+
+def test_the_topic_cache_is_bounded() -> None:
+    validator = Validator(
+        registry=DictRegistry(dict(REGISTRY)),
+        telemetry_limiter=TokenBuckets(rate_per_s=1.0, burst=100),
+        status_limiter=TokenBuckets(rate_per_s=1.0, burst=100),
+        ingest_id="ingest-test-1",
+        max_topics_cached=3,
+    )
+    for n in range(10):
+        validator.validate(f"city/parking/pk-{n:04d}/telemetry", b"{}", NOW)
+        assert len(validator._topics_seen) <= 3
