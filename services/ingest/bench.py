@@ -162,9 +162,13 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
     baseline: bool = True,
     timeout_s: float = 600,
     ingest_command: list[str] | None = None,
+    replicas: int = 1,
 ) -> dict[str, Any]:
     """Queue `count` readings for a stopped ingest, start it, time the drain; the same for
-    the mosquitto_sub | kcat baseline. `env` holds the stack's CITYOPS_* settings."""
+    the mosquitto_sub | kcat baseline. `env` holds the stack's CITYOPS_* settings.
+
+    With `replicas` > 1, that many ingest processes (one share group, own sessions, all queued
+    before publishing) drain together; CPU is their sum, RSS the largest."""
     tag = uuid.uuid4().hex[:8]
     bootstrap = env["CITYOPS_KAFKA_BOOTSTRAP"]
     mqtt = urlsplit(env["CITYOPS_MQTT_URL"])
@@ -177,7 +181,8 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
         name: f"bench.{name}.{tag}" for name in ("telemetry", "status", "deadletter", "baseline")
     }
     group, base_group = f"bench-{tag}", f"bench-base-{tag}"
-    client_id, base_client = f"ingest-bench-{tag}", f"bench-sub-{tag}"
+    client_ids = [f"ingest-bench-{tag}-{n}" for n in range(replicas)]
+    base_client = f"bench-sub-{tag}"
     device_ids = [f"bench-{tag}-{n:05d}" for n in range(devices)]
 
     admin_url = env["CITYOPS_DATABASE_URL"]
@@ -186,7 +191,12 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
     admin_db = await asyncpg.connect(admin_url)
     admin_kafka = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin_kafka.start()
-    results: dict[str, Any] = {"count": count, "devices": devices, "protocol": protocol}
+    results: dict[str, Any] = {
+        "count": count,
+        "devices": devices,
+        "protocol": protocol,
+        "replicas": replicas,
+    }
     try:
         await admin_db.execute(f'CREATE DATABASE "{db_name}"')
         conn = await asyncpg.connect(db_url)
@@ -201,17 +211,18 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
             [NewTopic(t, num_partitions=12, replication_factor=1) for t in topics.values()]
         )
         share = "city/+/+/telemetry"
-        await asyncio.to_thread(
-            functools.partial(
-                _session,
-                host,
-                port,
-                user=ingest_user,
-                password=ingest_pw,
-                client_id=client_id,
-                topic=f"$share/{group}/{share}",
+        for client_id in client_ids:
+            await asyncio.to_thread(
+                functools.partial(
+                    _session,
+                    host,
+                    port,
+                    user=ingest_user,
+                    password=ingest_pw,
+                    client_id=client_id,
+                    topic=f"$share/{group}/{share}",
+                )
             )
-        )
         if baseline:
             await asyncio.to_thread(
                 functools.partial(
@@ -245,7 +256,6 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
         child_env.update(
             {
                 "CITYOPS_DATABASE_URL": db_url,
-                "CITYOPS_INGEST_CLIENT_ID": client_id,
                 "CITYOPS_INGEST_SHARE_GROUP": group,
                 "CITYOPS_INGEST_MQTT_PROTOCOL": protocol,
                 "CITYOPS_TOPIC_TELEMETRY": topics["telemetry"],
@@ -258,14 +268,22 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
         cityops = shutil.which("cityops") or str(Path(sys.executable).with_name("cityops"))
         started = time.monotonic()
         command = ingest_command or [cityops, "ingest"]
-        process = await asyncio.create_subprocess_exec(*command, env=child_env)
+        processes = [
+            await asyncio.create_subprocess_exec(
+                *command,
+                env={**child_env, "CITYOPS_INGEST_CLIENT_ID": client_id},
+            )
+            for client_id in client_ids
+        ]
         try:
             done = await _wait_count(bootstrap, topics["telemetry"], count, timeout_s)
-            cpu_s = _proc_cpu_s(process.pid)
-            peak = _proc_peak_rss(process.pid)
+            cpu_s = sum(_proc_cpu_s(process.pid) for process in processes)
+            peak = max(_proc_peak_rss(process.pid) for process in processes)
         finally:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 30)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                await asyncio.wait_for(process.wait(), 30)
         if done is None:
             results["ingest_error"] = "timed out"
         else:
@@ -302,7 +320,7 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
                         results["ingest_msgs_per_s"] / results["baseline_msgs_per_s"], 3
                     )
     finally:
-        for cid in (client_id, base_client):
+        for cid in (*client_ids, base_client):
             await asyncio.to_thread(
                 functools.partial(
                     _purge, host, port, user=ingest_user, password=ingest_pw, client_id=cid
@@ -317,9 +335,10 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
 
 
 def main() -> None:
-    """`python -m cityops.ingest.bench [count] [protocol]` with the stack's env sourced."""
+    """`python -m cityops.ingest.bench [count] [protocol] [replicas]` with the stack's env."""
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
     protocol = sys.argv[2] if len(sys.argv) > 2 else "3.1.1"
+    replicas = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     env = {k: v for k, v in os.environ.items() if k.startswith("CITYOPS_")}
     profile = os.environ.get("INGEST_BENCH_PROFILE")  # a path: run ingest under cProfile
     command = (
@@ -329,7 +348,12 @@ def main() -> None:
     )
     result = asyncio.run(
         run_ingest_bench(
-            env, count=count, protocol=protocol, baseline=not profile, ingest_command=command
+            env,
+            count=count,
+            protocol=protocol,
+            baseline=not profile,
+            ingest_command=command,
+            replicas=replicas,
         )
     )
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
