@@ -26,8 +26,6 @@ from cityops.api.models import (
     ImportResult,
     ImportRowError,
     MqttCredentials,
-    ReadingBucket,
-    ReadingPoint,
     ReadingsOut,
 )
 from cityops.api.params import (
@@ -41,6 +39,7 @@ from cityops.api.params import (
 )
 from cityops.api.problems import Problem
 from cityops.api.provisioning import ParsedImport, new_password, parse_import
+from cityops.api.responses import json_response
 from cityops.common.kinds import Kind
 from cityops.common.topics import status_topic, telemetry_topic
 
@@ -124,7 +123,7 @@ async def list_devices(
     ] = None,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> dict[str, Any]:
+) -> Response:
     """Devices in id order with their latest state; follow `next_cursor` for more."""
     try:
         box = parse_bbox(bbox) if bbox is not None else None
@@ -142,16 +141,16 @@ async def list_devices(
     )
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1]["device_id"]) if len(rows) > limit else None
-    return {"items": [device_out(row) for row in page], "next_cursor": next_cursor}
+    return json_response({"items": [device_out(row) for row in page], "next_cursor": next_cursor})
 
 
 @router.get("/devices/{device_id}", response_model=DeviceDetail, summary="Get a device")
-async def get_device(context: Context, _: Reader, device_id: str) -> dict[str, Any]:
+async def get_device(context: Context, _: Reader, device_id: str) -> Response:
     """Registry, latest state, connectivity and open tickets of one device."""
     row = await _device_or_404(context, device_id)
     document = device_out(row)
     document["open_tickets"] = orjson.loads(row["open_tickets"])
-    return document
+    return json_response(document)
 
 
 async def _publish(context: Context, device_ids: list[str]) -> None:
@@ -408,7 +407,7 @@ async def get_readings(
         str | None, Query(max_length=16, description="Aggregate per bucket: 30s, 15m, 1h, 1d")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-) -> dict[str, Any]:
+) -> Response:
     """Raw readings (newest first, up to `limit`) or, with `bucket` and `field`, aggregates."""
     kind = await store_readings.device_kind(context.pool, device_id=device_id)
     if kind is None:
@@ -437,7 +436,7 @@ async def get_readings(
             field=field,
             bucket=width,
         )
-        document["buckets"] = [ReadingBucket(**dict(row)) for row in rows]
+        document["buckets"] = [dict(row) for row in rows]
     else:
         rows = await store_readings.raw(
             context.pool,
@@ -448,12 +447,12 @@ async def get_readings(
             limit=limit,
         )
         document["points"] = [
-            ReadingPoint(
-                seq=row["seq"],
-                ts=row["ts"],
-                received_at=row["received_at"],
-                values=orjson.loads(row["reading"]),
-            )
+            {
+                "seq": row["seq"],
+                "ts": row["ts"],
+                "received_at": row["received_at"],
+                "values": orjson.loads(row["reading"]),
+            }
             for row in rows
         ]
-    return document
+    return json_response(document)

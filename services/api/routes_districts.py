@@ -6,11 +6,13 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query
+from starlette.responses import Response
 
 from cityops.api import store_districts
 from cityops.api.context import Context, Reader
 from cityops.api.models import DistrictList, DistrictSummary
 from cityops.api.problems import Problem
+from cityops.api.responses import json_response
 
 router = APIRouter(prefix="/v1", tags=["districts"])
 
@@ -44,7 +46,7 @@ async def district_summary(
     _: Reader,
     district: str,
     sla_window_days: Annotated[int, Query(ge=1, le=365)] = 30,
-) -> dict[str, Any]:
+) -> Response:
     """Lights working %, bins ≥ 90 %, parking occupancy %, open tickets, SLA compliance."""
     row = None
     if 1 <= len(district) <= 64:
@@ -53,24 +55,26 @@ async def district_summary(
         )
     if row is None:
         raise Problem(404, f"no district {district!r}", problem="district-not-found")
-    return {
-        "district": district,
-        "devices": row["devices"],
-        "devices_online": row["devices_online"],
-        "lights_reporting": row["lights_reporting"],
-        "lights_working": row["lights_working"],
-        "lights_working_pct": _pct(row["lights_working"], row["lights_reporting"]),
-        "bins_reporting": row["bins_reporting"],
-        "bins_full": row["bins_full"],
-        "bins_full_pct": _pct(row["bins_full"], row["bins_reporting"]),
-        "parking_reporting": row["parking_reporting"],
-        "parking_occupied": row["parking_occupied"],
-        "parking_occupancy_pct": _pct(row["parking_occupied"], row["parking_reporting"]),
-        "open_tickets_by_priority": orjson.loads(row["by_priority"]),
-        "overdue_tickets": row["overdue"],
-        "sla_window_days": sla_window_days,
-        "resolved_in_window": row["resolved_in_window"],
-        "resolved_within_sla": row["resolved_within_sla"],
-        "sla_compliance_pct": _pct(row["resolved_within_sla"], row["resolved_in_window"]),
-        "computed_at": row["computed_at"],
-    }
+    return json_response(
+        {
+            "district": district,
+            "devices": row["devices"],
+            "devices_online": row["devices_online"],
+            "lights_reporting": row["lights_reporting"],
+            "lights_working": row["lights_working"],
+            "lights_working_pct": _pct(row["lights_working"], row["lights_reporting"]),
+            "bins_reporting": row["bins_reporting"],
+            "bins_full": row["bins_full"],
+            "bins_full_pct": _pct(row["bins_full"], row["bins_reporting"]),
+            "parking_reporting": row["parking_reporting"],
+            "parking_occupied": row["parking_occupied"],
+            "parking_occupancy_pct": _pct(row["parking_occupied"], row["parking_reporting"]),
+            "open_tickets_by_priority": orjson.loads(row["by_priority"]),
+            "overdue_tickets": row["overdue"],
+            "sla_window_days": sla_window_days,
+            "resolved_in_window": row["resolved_in_window"],
+            "resolved_within_sla": row["resolved_within_sla"],
+            "sla_compliance_pct": _pct(row["resolved_within_sla"], row["resolved_in_window"]),
+            "computed_at": row["computed_at"],
+        }
+    )

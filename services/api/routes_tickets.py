@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import asyncpg
 import orjson
 from fastapi import APIRouter, Query
+from starlette.responses import Response
 
 from cityops.api import store_tickets
 from cityops.api.context import Context, Operator, Reader
@@ -20,6 +21,7 @@ from cityops.api.models import (
 )
 from cityops.api.params import ParamError, decode_cursor, encode_cursor
 from cityops.api.problems import Problem
+from cityops.api.responses import json_response
 from cityops.api.routes_devices import param_problem
 from cityops.common.kinds import Kind, Priority, TicketStatus
 from cityops.common.tickets import TransitionError, check_transition, event_from_rows
@@ -57,7 +59,7 @@ async def list_tickets(
     device_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> dict[str, Any]:
+) -> Response:
     """Tickets newest first; `overdue=true` lists unresolved tickets past their due time."""
     try:
         before = decode_cursor(cursor, kind=int) if cursor is not None else None
@@ -77,7 +79,7 @@ async def list_tickets(
     )
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
-    return {"items": [ticket_out(row) for row in page], "next_cursor": next_cursor}
+    return json_response({"items": [ticket_out(row) for row in page], "next_cursor": next_cursor})
 
 
 async def _ticket_or_404(context: Context, ticket_id: int) -> Any:
