@@ -334,9 +334,16 @@ class RulesWorker:
             self._timers.schedule((ESCALATE, state.device_id, rule_id), ticket.next_escalation_at())
 
     async def _rewind(self) -> None:
-        owned = [tp for tp in self._consumer.assignment() if tp.topic in self._topics]
-        if owned:
-            await self._consumer.seek_to_committed(*owned)
+        # Not seek_to_committed(): it leaves a partition with no committed offset where it
+        # is, which would skip the records of the batch that was just rolled back.
+        for tp in self._consumer.assignment():
+            if tp.topic not in self._topics:
+                continue
+            committed = await self._consumer.committed(tp)
+            if committed is None:
+                await self._consumer.seek_to_beginning(tp)  # auto_offset_reset=earliest
+            else:
+                self._consumer.seek(tp, committed)
 
     async def _recover(self, stop: asyncio.Event) -> None:
         """Drop in-memory state, reload it from the database and rewind to committed offsets."""
@@ -347,6 +354,7 @@ class RulesWorker:
                     owned = set(self._owned)
                     self._release(owned)
                     await self._load(owned)
+                    self._adopt_unheard(self._devices.values(), owned)
                     await self._rewind()
                     self._lagging = set(owned)
             except (*_DB_ERRORS, KafkaError) as exc:

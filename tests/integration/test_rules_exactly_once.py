@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiokafka.partitioner import murmur2
 
 from cityops.common.kinds import Kind
 from cityops.common.registry import Device
@@ -119,3 +120,35 @@ async def test_two_groups_racing_on_one_database_count_each_reading_once(
     rows = await tickets(database_url, rule="gas_hazard")
     assert sorted(r["device_id"] for r in rows) == sorted(devices)
     assert all(r["occurrences"] == 50 for r in rows), [r["occurrences"] for r in rows]
+
+
+async def test_a_fenced_batch_is_rolled_back_and_replayed_without_losing_its_other_devices(
+    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+) -> None:
+    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    suffix = uuid.uuid4().hex[:6]
+    contested = f"wb-contested-{suffix}"
+    bystanders = [f"wb-by-{i}-{suffix}" for i in range(10)]
+    async with running_worker(env.settings()) as registry, Feed(env) as feed:
+        warm_up = f"wb-warm-{suffix}"  # once its ticket exists, partitions are assigned
+        await feed.readings([reading(warm_up, Kind.WASTEBIN, 1, fill_pct=97.0)])
+        await wait_ticket(database_url, device_id=warm_up, rule="bin_full")
+        # another writer (a zombie replica) stores this device's state behind our back
+        partition = (murmur2(contested.encode()) & 0x7FFFFFFF) % 3
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                "INSERT INTO rule_state (device_id, kind, kafka_partition, last_seq) "
+                "VALUES ($1, 'wastebin', $2, 0)",
+                contested,
+                partition,
+            )
+        finally:
+            await conn.close()
+        await feed.readings(
+            reading(d, Kind.WASTEBIN, 1, fill_pct=97.0) for d in [contested, *bystanders]
+        )
+        for device_id in [contested, *bystanders]:
+            ticket = await wait_ticket(database_url, device_id=device_id, rule="bin_full")
+            assert ticket["occurrences"] == 1
+        assert (registry.get_sample_value("cityops_rules_state_conflicts_total") or 0) >= 1
