@@ -33,7 +33,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 
@@ -211,9 +211,12 @@ class RulesWorker:
                         continue
                     await self._batch(batch)
                 backoff = 0.1
-            except (*_DB_ERRORS, store.StateConflictError) as exc:
+            except (*_DB_ERRORS, store.StateConflictError, KafkaError) as exc:
                 if isinstance(exc, store.StateConflictError):
                     self._metrics.state_conflicts.inc()
+                elif isinstance(exc, KafkaError):
+                    self._kafka_ok = False
+                    self._metrics.errors.labels("kafka").inc()
                 else:
                     self._db_ok = False
                     self._metrics.errors.labels("database").inc()
@@ -584,9 +587,11 @@ class RulesWorker:
         if offsets:
             try:
                 await self._consumer.commit(dict(offsets))
-            except CommitFailedError as exc:
-                # The database already holds this batch; the new owner replays it harmlessly.
-                log.warning("offset commit failed after a rebalance: %s", exc)
+            except KafkaError as exc:  # CommitFailedError after a rebalance, or a broker error
+                # The database already holds this batch; whoever reads it next replays it
+                # harmlessly (seq guards, fenced state).
+                self._metrics.errors.labels("kafka").inc()
+                log.warning("offset commit failed: %s", exc)
         if events:
             try:
                 await self._publisher.publish_soon(outbox_events(events))
