@@ -148,3 +148,64 @@ async def test_reading_becomes_state_and_never_moves_backwards(
         assert "cityops_api_projector_readings_written_total 5.0" in metrics
         assert 'route="/v1/devices/{device_id}"' in metrics  # the template, never the id
         assert device_id not in metrics
+
+
+async def test_partitions_ahead_and_per_kind_retention(database_url: str) -> None:
+    from datetime import date
+
+    from cityops.api import store_state
+    from cityops.common.kinds import Kind
+
+    conn = await asyncpg.connect(database_url, server_settings={"timezone": "UTC"})
+    try:
+        today = date(2026, 11, 26)
+        created = await store_state.ensure_partitions(
+            conn, first_day=today - timedelta(days=40), days=44
+        )
+        assert created == 44
+        assert await store_state.ensure_partitions(conn, first_day=today, days=4) == 0
+        rows = [
+            (device, kind, seq, datetime(2026, 11, 26, tzinfo=UTC) - timedelta(days=age))
+            for seq, (device, kind, age) in enumerate(
+                [
+                    ("pk-old", "parking", 35),  # past parking's 30 days
+                    ("pk-new", "parking", 5),
+                    ("wb-old", "wastebin", 35),  # within wastebin's 90 days
+                    ("mh-ancient", "manhole", 400),  # default partition, past 365 days
+                ]
+            )
+        ]
+        await conn.executemany(
+            "INSERT INTO readings (device_id, kind, seq, ts, received_at, reading)"
+            " VALUES ($1, $2, $3, $4, $4, '{}')",
+            rows,
+        )
+        dropped, deleted = await store_state.apply_retention(
+            conn,
+            today=today,
+            retention_days={
+                Kind.PARKING: 30,
+                Kind.WASTEBIN: 90,
+                Kind.MANHOLE: 365,
+                Kind.STREETLIGHT: 38,
+            },
+        )
+        # Days older than the longest retention are dropped whole; none of ours is that old
+        # except the manhole row, which sits in the default partition and is deleted by kind.
+        assert dropped == 0
+        assert deleted == 2
+        left = {r["device_id"] for r in await conn.fetch("SELECT device_id FROM readings")}
+        assert left == {"pk-new", "wb-old"}
+        dropped, _ = await store_state.apply_retention(
+            conn,
+            today=today,
+            retention_days=dict.fromkeys(Kind, 10),
+        )
+        assert dropped == 30  # the days from today - 40 to today - 11
+        partitions = await conn.fetchval(
+            "SELECT count(*) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent"
+            " WHERE p.relname = 'readings'"
+        )
+        assert partitions == 44 - 30 + 1  # plus readings_default
+    finally:
+        await conn.close()
