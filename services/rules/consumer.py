@@ -68,6 +68,10 @@ _REGISTRY = (SYSTEM, "registry", "")
 _GAUGE = (SYSTEM, "gauge", "")
 _SWEEP = (SYSTEM, "outbox", "")
 _MAX_WAIT_S = 1.0
+# A batch naming devices the registry cache does not know triggers an incremental refresh
+# before it is decided (so a just-provisioned device's first ticket has its district), at
+# most this often, so a stream from devices that are really unknown cannot hammer the DB.
+_UNKNOWN_REFRESH_S = 1.0
 # A partition at most this many records behind counts as caught up: a live stream is rarely
 # at exactly zero lag, and device timers must not wait for that forever.
 _CAUGHT_UP_RECORDS = 500
@@ -153,6 +157,7 @@ class RulesWorker:
         self._districts: dict[str, dict[str, Any]] = {}
         self._registry_seen: datetime | None = None
         self._registry_miss_at = 0.0
+        self._unknown_refresh_at = 0.0
         self._owned: set[int] = set()
         self._lagging: set[int] = set()
         self._deferred: dict[int, list[TimerKey]] = defaultdict(list)
@@ -446,8 +451,25 @@ class RulesWorker:
             return _MAX_WAIT_S
         return min(max(deadline - self._clock(), 0.0), _MAX_WAIT_S)
 
+    async def _refresh_for_unknown(
+        self, batch: Mapping[TopicPartition, list[ConsumerRecord]]
+    ) -> None:
+        """Look up devices provisioned since the last refresh before deciding for them."""
+        now = self._clock()
+        if now - self._unknown_refresh_at < _UNKNOWN_REFRESH_S:
+            return
+        known = self._devices
+        for messages in batch.values():
+            for message in messages:
+                key = message.key
+                if key is not None and key.decode(errors="replace") not in known:
+                    self._unknown_refresh_at = now
+                    await self._refresh_registry()
+                    return
+
     async def _batch(self, batch: Mapping[TopicPartition, list[ConsumerRecord]]) -> None:
         started = time.perf_counter()
+        await self._refresh_for_unknown(batch)
         fx = Effects()
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         outcomes: Tally[tuple[str, str]] = Tally()
