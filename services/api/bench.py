@@ -77,8 +77,9 @@ def _device(n: int) -> tuple[str, str, str, float, float]:
         f"dev-{n:06d}",
         kind,
         f"district-{n // 4 % DISTRICTS:02d}",  # every kind in every district
-        52.3 + (n % 400) / 1000,  # a 0.4 x 0.6 degree grid around Berlin
-        13.1 + (n // 400 % 600) / 1000,
+        # scattered deterministically over 0.35 x 0.55 degrees around Berlin
+        52.3 + (n * 7919 % 35_000) / 100_000,
+        13.1 + (n * 104_729 % 55_000) / 100_000,
     )
 
 
@@ -426,7 +427,7 @@ async def _delete_topics(bootstrap: str, names: list[str]) -> None:
 
 def _bbox_path(rng: random.Random) -> str:
     """A 0.02 x 0.02 degree box (about 1.4 x 2.2 km) somewhere over the fleet."""
-    lon, lat = 13.1 + rng.random() * 0.55, 52.3 + rng.random() * 0.35
+    lon, lat = 13.1 + rng.random() * 0.53, 52.3 + rng.random() * 0.33
     return f"/v1/devices?limit=100&bbox={lon:.4f},{lat:.4f},{lon + 0.02:.4f},{lat + 0.02:.4f}"
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cityops.api.auth import Authenticator, Principal, Scope, bearer_token, require_scope
+from cityops.api.cache import TtlCache
 from cityops.api.metrics import ApiMetrics
 from cityops.api.provisioning import CredentialStore
 from cityops.api.publisher import EventPublisher
@@ -32,6 +33,7 @@ class ApiContext:
     publisher: EventPublisher
     broadcaster: Broadcaster
     readiness: ReadinessCheck
+    summaries: TtlCache[Any]
 
 
 async def get_context(request: Request) -> ApiContext:

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from cityops.api import store_devices, store_keys
 from cityops.api.app import create_app
 from cityops.api.auth import Authenticator, Principal, effective_scopes
+from cityops.api.cache import TtlCache
 from cityops.api.context import ApiContext
 from cityops.api.metrics import ApiMetrics, create_metrics
 from cityops.api.projector import Projector
@@ -171,6 +172,7 @@ def build_context(
             queue_max=settings.api_stream_queue_max,
         ),
         readiness=Readiness(pool=pool, producer=producer),
+        summaries=TtlCache(ttl_s=settings.api_summary_cache_s),
     )
 
 

@@ -63,6 +63,13 @@ class ApiSettings(KafkaSettings, DatabaseSettings):
     mqtt_broker_pid_file: Path | None = None
     mqtt_password_iterations: int = Field(default=101, ge=1, le=1_000_000)
 
+    api_summary_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="District summaries are recomputed at most this often per replica.",
+    )
+
     # Limits.
     api_import_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
     api_import_max_rows: int = Field(default=100_000, ge=1, le=1_000_000)

@@ -77,18 +77,24 @@ async def list_devices(
         where.append(f"d.district = {param(district)}")
     if status is not None:
         where.append(STATUS_FILTERS[status])
+    prefix = ""
     if bbox is not None:
-        # `lat IS NOT NULL` lets the partial GiST index on point(lon, lat) serve the query.
-        where.append(
-            "d.lat IS NOT NULL AND point(d.lon, d.lat) <@ "
-            f"box(point({param(bbox.min_lon)}, {param(bbox.min_lat)}), "
-            f"point({param(bbox.max_lon)}, {param(bbox.max_lat)}))"
+        # The box is resolved first through the partial GiST index on point(lon, lat) (hence
+        # `lat IS NOT NULL`), MATERIALIZED so the planner cannot instead walk the primary key
+        # in id order hoping to meet 100 matches soon - a full scan when the box is sparse.
+        corners = (
+            f"point({param(bbox.min_lon)}, {param(bbox.min_lat)}), "
+            f"point({param(bbox.max_lon)}, {param(bbox.max_lat)})"
         )
+        in_box = "SELECT device_id FROM devices WHERE lat IS NOT NULL AND point(lon, lat) <@ box("
+        prefix = f"WITH in_box AS MATERIALIZED ({in_box}{corners})) "
+        where.append("d.device_id IN (SELECT device_id FROM in_box)")
     if after is not None:
         where.append(f"d.device_id > {param(after)}")
     clause = ("WHERE " + " AND ".join(where)) if where else ""
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"SELECT {_DEVICE_COLUMNS} {_FROM} {clause} ORDER BY d.device_id LIMIT {param(limit + 1)}",
+        f"{prefix}SELECT {_DEVICE_COLUMNS} {_FROM} {clause} "
+        f"ORDER BY d.device_id LIMIT {param(limit + 1)}",
         *args,
     )
     return rows
