@@ -245,6 +245,7 @@ async def running_service(
     finally:
         stop.set()
         await context.broadcaster.close()
+        context.credentials.reloader.cancel()
         if projector_task is not None:
             try:
                 await asyncio.wait_for(projector_task, settings.shutdown_timeout_s)

@@ -14,7 +14,8 @@ import csv
 import io
 import logging
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,9 @@ class BrokerFiles:
 
 
 def apply_to_files(files: BrokerFiles, changes: Mapping[str, str | None]) -> bool:
-    """Set (hash) or remove (None) device entries, re-render the broker file, reload it.
+    """Set (hash) or remove (None) device entries and re-render the broker's file.
 
-    Returns whether the broker was signalled.
+    Returns whether the broker's file changed (and so needs a reload).
     """
     with mqtt_auth.password_files_lock(files.lock_file):
         current = (
@@ -92,21 +93,75 @@ def apply_to_files(files: BrokerFiles, changes: Mapping[str, str | None]) -> boo
         mqtt_auth.write_file_atomic(
             files.device_file, mqtt_auth.render_password_file(current.items())
         )
-        changed = mqtt_auth.combine_password_files(
+        return mqtt_auth.combine_password_files(
             service_file=files.service_file,
             device_file=files.device_file,
             out_file=files.password_file,
         )
-    if changed and files.pid_file is not None:
-        return mqtt_auth.reload_broker(files.pid_file)
-    return False
+
+
+class BrokerReloader:
+    """SIGHUPs the broker after credential changes, at most once per `min_interval_s`.
+
+    Reloads are coalesced on the trailing edge: a burst of provisioning requests costs one
+    reload (Mosquitto 2.0.11 was seen to segfault during a burst of reloads), and the last
+    change is always followed by a reload.
+    """
+
+    def __init__(
+        self,
+        *,
+        pid_file: Path | None,
+        min_interval_s: float,
+        signal_broker: Callable[[Path], bool] = mqtt_auth.reload_broker,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pid_file = pid_file
+        self._min_interval_s = min_interval_s
+        self._signal_broker = signal_broker
+        self._clock = clock
+        self._last = -float("inf")
+        self._scheduled: asyncio.TimerHandle | None = None
+        self.reloads = 0
+
+    def request(self) -> None:
+        """Ask for a reload soon (now if none happened within the interval)."""
+        if self._pid_file is None or self._scheduled is not None:
+            return
+        delay = max(0.0, self._last + self._min_interval_s - self._clock())
+        self._scheduled = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._scheduled = None
+        self._last = self._clock()
+        assert self._pid_file is not None
+        if self._signal_broker(self._pid_file):
+            self.reloads += 1
+        else:
+            log.warning("broker not running: credentials apply when it starts")
+
+    def cancel(self) -> None:
+        """Drop a pending reload (shutdown)."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
 
 
 class CredentialStore:
     """Applies credential changes to the broker inside the caller's transaction."""
 
-    def __init__(self, *, files: BrokerFiles | None, metrics: ApiMetrics, iterations: int) -> None:
+    def __init__(
+        self,
+        *,
+        files: BrokerFiles | None,
+        metrics: ApiMetrics,
+        iterations: int,
+        reload_interval_s: float = 0.2,
+    ) -> None:
         self.files = files
+        self.reloader = BrokerReloader(
+            pid_file=files.pid_file if files else None, min_interval_s=reload_interval_s
+        )
         self._metrics = metrics
         self._iterations = iterations
 
@@ -128,14 +183,16 @@ class CredentialStore:
             return
         await conn.execute("SELECT pg_advisory_xact_lock($1)", CREDENTIALS_LOCK)
         try:
-            reloaded = await asyncio.to_thread(apply_to_files, self.files, dict(changes))
+            changed = await asyncio.to_thread(apply_to_files, self.files, dict(changes))
         except OSError:
             self._metrics.credential_syncs.labels("error").inc()
             raise
         self._metrics.credential_syncs.labels("ok").inc()
+        if changed:
+            self.reloader.request()
         log.info(
             "broker credentials updated",
-            extra={"changes": len(changes), "reloaded": reloaded},
+            extra={"changes": len(changes), "file_changed": changed},
         )
 
     async def reconcile(self, conn: Conn, states: Mapping[str, str | None]) -> None:

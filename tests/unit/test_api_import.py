@@ -70,3 +70,34 @@ def test_broker_files_are_edited_not_replaced(tmp_path: Path) -> None:
     combined = mqtt_auth.parse_password_file(files.password_file.read_text())
     assert set(combined) == {"ingest", "wb-1", "wb-2"}
     assert mqtt_auth.verify_password("p", combined["wb-1"])
+
+
+async def test_reloads_are_coalesced_and_the_last_change_is_reloaded(tmp_path: Path) -> None:
+    import asyncio
+
+    from cityops.api.provisioning import BrokerReloader
+
+    signalled: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    def signal_broker(_: Path) -> bool:
+        signalled.append(loop.time())
+        return True
+
+    reloader = BrokerReloader(
+        pid_file=tmp_path / "pid", min_interval_s=0.1, signal_broker=signal_broker
+    )
+    reloader.request()
+    await asyncio.sleep(0.01)
+    assert len(signalled) == 1  # the first change reloads at once
+    for _ in range(20):  # a burst
+        reloader.request()
+    await asyncio.sleep(0.02)
+    assert len(signalled) == 1
+    await asyncio.sleep(0.15)
+    assert len(signalled) == 2  # ...costs one more reload, after the interval
+    assert signalled[1] - signalled[0] >= 0.099
+    assert reloader.reloads == 2
+    BrokerReloader(pid_file=None, min_interval_s=0.1, signal_broker=signal_broker).request()
+    await asyncio.sleep(0.01)
+    assert len(signalled) == 2
