@@ -9,13 +9,14 @@ import orjson
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cityops.api import routes_devices, routes_districts, routes_keys, routes_stream, routes_tickets
 from cityops.api.context import ApiContext
 from cityops.api.metrics import ApiMetrics
-from cityops.api.problems import install_problem_handlers
+from cityops.api.problems import PROBLEM_JSON, install_problem_handlers, problem_body
 
 _DESCRIPTION = """
 The live city: devices with their latest state, readings history, maintenance tickets,
@@ -77,6 +78,8 @@ _PROBLEM_SCHEMA: dict[str, Any] = {
         },
     },
 }
+# Every JSON body is small (a device, a transition, a key); imports set their own limit.
+MAX_JSON_BODY_BYTES = 64 * 1024
 _ERRORS = {
     "401": "No valid API key",
     "403": "The API key lacks the scope",
@@ -109,6 +112,53 @@ def problem_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                 entry = responses.setdefault(code, {"description": _ERRORS.get(code, "Error")})
                 entry["content"] = problem
     return schema
+
+
+class BodyLimit:
+    """ASGI middleware: 413 problem+json for bodies over the limit (declared or streamed).
+
+    JSON bodies are small; `:import` routes get the import limit.
+    """
+
+    def __init__(self, app: ASGIApp, *, json_limit: int, import_limit: int) -> None:
+        self._app = app
+        self._json_limit = json_limit
+        self._import_limit = import_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse early on Content-Length, count the bytes of a streamed body."""
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        limit = self._import_limit if scope["path"].endswith(":import") else self._json_limit
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                body = problem_body(
+                    status=413,
+                    title="Content too large",
+                    detail=f"the request body is larger than {limit} bytes",
+                    problem="content-too-large",
+                    instance=scope["path"],
+                )
+                response = Response(orjson.dumps(body), 413, media_type=PROBLEM_JSON)
+                await response(scope, receive, send)
+                return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # An HTTPException passes through FastAPI's body parsing unchanged (any
+                    # other error there becomes a 400) and reaches the problem+json handler.
+                    raise StarletteHTTPException(
+                        413, f"the request body is larger than {limit} bytes"
+                    )
+            return message
+
+        await self._app(scope, counted, send)
 
 
 def create_app(context: ApiContext, *, registry: CollectorRegistry) -> FastAPI:
@@ -162,5 +212,10 @@ def create_app(context: ApiContext, *, registry: CollectorRegistry) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented customisation
+    app.add_middleware(
+        BodyLimit,
+        json_limit=MAX_JSON_BODY_BYTES,
+        import_limit=context.settings.api_import_max_bytes,
+    )
     app.add_middleware(RequestMetrics, metrics=context.metrics)
     return app

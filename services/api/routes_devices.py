@@ -217,7 +217,9 @@ async def _read_import(context: Context, request: Request) -> ParsedImport:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise Problem(413, f"the import is larger than {limit} bytes", problem="too-large")
+            raise Problem(
+                413, f"the import is larger than {limit} bytes", problem="content-too-large"
+            )
         chunks.append(chunk)
     try:
         text = b"".join(chunks).decode("utf-8-sig")

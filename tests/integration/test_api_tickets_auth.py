@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -190,3 +191,46 @@ async def test_ticket_transitions_follow_state_machine(
         ("resolved", 4, "apikey:alice"),
         ("closed", 5, "apikey:alice"),
     ]
+
+
+async def test_oversized_bodies_are_413_problems(
+    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+) -> None:
+    topics = await kafka_topics(*BASE_TOPICS)
+    settings = api_settings(
+        database_url=database_url,
+        kafka_bootstrap=kafka_bootstrap,
+        topics=topics,
+        api_projector_enabled=False,
+        api_import_max_bytes=100_000,
+    )
+    async with run_api(settings) as api, api.client() as http:
+        huge = {"device_id": "wb-big", "kind": "wastebin", "metadata": {"x": "y" * 100_000}}
+        response = await http.post("/v1/devices", json=huge)
+        assert response.status_code == 413
+        assert response.headers["content-type"] == "application/problem+json"
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
+            yield b'{"device_id": "wb-big", "kind": "wastebin", "metadata": {"x": "'
+            for _ in range(20):
+                yield b"y" * 5000
+            yield b'"}}'
+
+        streamed = await http.post(
+            "/v1/devices", content=chunks(), headers={"Content-Type": "application/json"}
+        )
+        assert streamed.status_code == 413
+        assert streamed.json()["type"].endswith("/content-too-large")
+        # Imports may be bigger than a JSON body, up to their own setting.
+        rows = "device_id,kind\n" + "".join(f"imp-{n:06d},parking\n" for n in range(5000))
+        assert 64 * 1024 < len(rows) < 100_000
+        ok = await http.post(
+            "/v1/devices:import", content=rows, headers={"Content-Type": "text/csv"}
+        )
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["created"] == 5000
+        too_big = rows + "".join(f"imp-{n:06d},parking\n" for n in range(5000, 9000))
+        refused = await http.post(
+            "/v1/devices:import", content=too_big, headers={"Content-Type": "text/csv"}
+        )
+        assert refused.status_code == 413
