@@ -92,9 +92,19 @@ async def list_devices(
     if after is not None:
         where.append(f"d.device_id > {param(after)}")
     clause = ("WHERE " + " AND ".join(where)) if where else ""
+    # The page of ids is chosen on `devices` alone (plus connectivity for a status filter),
+    # then joined with state: the joins see at most limit + 1 rows, never the whole fleet.
+    status_join = "LEFT JOIN device_connectivity c ON c.device_id = d.device_id" if status else ""
+    page = (
+        f"SELECT d.device_id FROM devices d {status_join} {clause} "  # noqa: S608 - $n only
+        f"ORDER BY d.device_id LIMIT {param(limit + 1)}"
+    )
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"{prefix}SELECT {_DEVICE_COLUMNS} {_FROM} {clause} "
-        f"ORDER BY d.device_id LIMIT {param(limit + 1)}",
+        f"{prefix}SELECT {_DEVICE_COLUMNS} FROM ({page}) AS page "  # noqa: S608 - see above
+        "JOIN devices d ON d.device_id = page.device_id "
+        "LEFT JOIN device_state s ON s.device_id = d.device_id "
+        "LEFT JOIN device_connectivity c ON c.device_id = d.device_id "
+        "ORDER BY d.device_id",
         *args,
     )
     return rows
