@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import httpx
+from asyncpg import PostgresError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
@@ -590,6 +592,7 @@ def main(argv: list[str]) -> int:
     )
     try:
         return asyncio.run(_main(settings, options, provision_only=args.provision_only))
-    except (ProvisionError, MqttConnectError) as exc:
-        log.error("simulator cannot start: %s", exc)  # noqa: TRY400 - the message says it all
+    except (ProvisionError, MqttConnectError, OSError, PostgresError, httpx.HTTPError) as exc:
+        # a dependency that is down or refuses us: say which, no traceback
+        log.error("simulator cannot start: %s: %s", exc.__class__.__name__, exc)  # noqa: TRY400
         return 1
