@@ -575,6 +575,14 @@ async def _main(settings: SimulatorSettings, options: RunOptions, *, provision_o
     return 0 if summary.stats.errors == 0 or options.faults else 1
 
 
+def settings_problems(exc: ValidationError) -> str:
+    """`CITYOPS_X: what is wrong` for each invalid or missing setting."""
+    return "; ".join(
+        f"CITYOPS_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False)
+    )
+
+
 def main(argv: list[str]) -> int:
     """Entry point of `cityops simulate`."""
     parser = build_parser()
@@ -582,7 +590,9 @@ def main(argv: list[str]) -> int:
     try:
         settings = SimulatorSettings()  # values come from CITYOPS_* variables
         options = options_from_args(args, settings.place())
-    except (ValueError, FaultSpecError, ValidationError) as exc:
+    except ValidationError as exc:
+        parser.error(settings_problems(exc))
+    except (ValueError, FaultSpecError) as exc:
         parser.error(str(exc))
     configure_logging(
         service="simulator",

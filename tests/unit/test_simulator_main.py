@@ -19,6 +19,7 @@ from cityops.simulator.main import (
     SimulatorMetrics,
     _Runner,
     build_parser,
+    main,
     options_from_args,
 )
 from cityops.simulator.publisher import PublishStats
@@ -147,3 +148,12 @@ async def test_an_accelerated_replay_catches_up_then_runs_live() -> None:
     assert max(stamps) > wall - timedelta(seconds=5)
     last_half_second = [at for at, _, _ in recorder.sent if at > time.monotonic() - 0.5]
     assert len(last_half_second) <= 4  # live: the parking spot reports once a minute
+
+
+def test_missing_settings_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("CITYOPS_MQTT_URL", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--devices-per-kind", "2"])
+    assert "CITYOPS_MQTT_URL: Field required" in capsys.readouterr().err
