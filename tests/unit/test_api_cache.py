@@ -17,7 +17,7 @@ class Clock:
         return self.now
 
 
-async def test_values_expire() -> None:
+async def test_expired_values_are_served_while_one_refresh_runs() -> None:
     clock = Clock()
     cache: TtlCache[int] = TtlCache(ttl_s=5, clock=clock)
     calls = 0
@@ -31,7 +31,33 @@ async def test_values_expire() -> None:
     assert await cache.get("a", compute) == 1
     assert await cache.get("b", compute) == 2
     clock.now = 6
-    assert await cache.get("a", compute) == 3
+    assert await cache.get("a", compute) == 1  # stale, answered at once
+    assert await cache.get("a", compute) == 1  # one refresh only
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert calls == 3
+    assert await cache.get("a", compute) == 3  # refreshed
+
+
+async def test_a_failed_refresh_keeps_the_stale_value() -> None:
+    clock = Clock()
+    cache: TtlCache[int] = TtlCache(ttl_s=5, clock=clock)
+
+    async def first() -> int:
+        return 1
+
+    async def broken() -> int:
+        raise RuntimeError("db down")
+
+    assert await cache.get("a", first) == 1
+    clock.now = 6
+    assert await cache.get("a", broken) == 1
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert await cache.get("a", first) == 1  # still stale: the next call refreshes again
+    await asyncio.sleep(0)
+    clock.now = 7
+    assert await cache.get("a", first) == 1
 
 
 async def test_concurrent_misses_share_one_computation() -> None:
