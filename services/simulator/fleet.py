@@ -95,6 +95,7 @@ class Outbound:
     device_id: str
     what: str  # "telemetry", "status" or a rejection reason for injected faults
     seq: int | None = None
+    online: bool | None = None  # for status messages
 
 
 @dataclass(slots=True)
@@ -225,6 +226,7 @@ class Fleet:
             payload=orjson.dumps({"online": online, "ts": format_ts(now)}),
             device_id=device.device_id,
             what="status",
+            online=online,
         )
 
     def report(self, index: int, now: datetime) -> list[Outbound]:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 from asyncpg import PostgresError
@@ -26,6 +27,7 @@ from pydantic import ValidationError
 from cityops.api.provisioning import BrokerFiles
 from cityops.common.kinds import RejectReason
 from cityops.common.logs import configure_logging
+from cityops.common.mqtt_auth import reload_broker
 from cityops.common.ops import serve_ops, stop_on_signals
 from cityops.common.topics import status_topic
 from cityops.simulator.city import DEFAULT_PLACE, PLACES, City, Place, build_city
@@ -50,6 +52,7 @@ log = logging.getLogger("cityops.simulator")
 TICK_S = 0.005  # batch everything due within 5 ms: 10 messages per wake-up at 2,000/s
 MAX_BATCH = 5000
 MAX_DEVICE_CONNECTIONS = 5000
+DEVICE_CONNECT_PATIENCE_S = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,9 +292,60 @@ async def provision(
     )
 
 
-async def _connect_all(publishers: Sequence[MqttPublisher]) -> None:
+class BrokerNudge:
+    """Re-send SIGHUP to the broker, at most once per `min_interval_s`.
+
+    Measured on the shared stack (Mosquitto 2.0.11): a SIGHUP sent right after the password
+    file is replaced sometimes leaves the new device lines unused ("Not authorized" for
+    seconds), while a second SIGHUP a moment later applies them at once.
+    """
+
+    def __init__(self, pid_file: Path | None, *, min_interval_s: float = 1.0) -> None:
+        self._pid_file = pid_file
+        self._min_interval_s = min_interval_s
+        self._last = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self._pid_file is None or now - self._last < self._min_interval_s:
+            return
+        self._last = now
+        reload_broker(self._pid_file)
+
+
+async def _connect_with_retry(
+    publisher: MqttPublisher, *, patience_s: float, nudge: Callable[[], None]
+) -> None:
+    """Connect; a refusal is retried for `patience_s` (new device passwords take effect a
+    moment after the broker's SIGHUP, longer on a busy machine)."""
+    deadline = time.monotonic() + patience_s
+    delay = 0.2
+    while True:
+        try:
+            await publisher.connect()
+        except MqttConnectError:
+            if time.monotonic() + delay > deadline:
+                raise
+            nudge()
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+        else:
+            return
+
+
+async def _connect_all(
+    publishers: Sequence[MqttPublisher],
+    *,
+    patience_s: float = 0.0,
+    nudge: Callable[[], None] = lambda: None,
+) -> None:
     for start in range(0, len(publishers), 200):
-        await asyncio.gather(*(p.connect() for p in publishers[start : start + 200]))
+        await asyncio.gather(
+            *(
+                _connect_with_retry(p, patience_s=patience_s, nudge=nudge)
+                for p in publishers[start : start + 200]
+            )
+        )
 
 
 class _Runner:
@@ -325,7 +379,15 @@ class _Runner:
             self.schedule = Schedule.natural(fleet, accelerate=options.accelerate, start_s=0.0)
 
     async def _send(self, index: int, message: Outbound) -> None:
-        await pick_connection(self.publishers, index).publish(message.topic, message.payload)
+        connection = pick_connection(self.publishers, index)
+        if self.options.mode == "device" and message.online is False:
+            # a device of its own going silent: it drops off and the broker sends its will
+            await connection.go_silent()
+            self.summary.by_what["went_silent"] = self.summary.by_what.get("went_silent", 0) + 1
+            return
+        if self.options.mode == "device" and message.online is True:
+            await connection.come_back()
+        await connection.publish(message.topic, message.payload)
         what = message.what if message.what in ("telemetry", "status") else "fault"
         self.metrics.published.labels(what).inc()
         by_what = self.summary.by_what
@@ -449,7 +511,14 @@ async def run(
             await asyncio.wait_for(stop.wait(), timeout=options.settle_s)
     stats = PublishStats()
     publishers = _publishers(settings, options, fleet, passwords, stats)
-    await _connect_all(publishers)
+    if passwords:
+        await _connect_all(
+            publishers,
+            patience_s=DEVICE_CONNECT_PATIENCE_S,
+            nudge=BrokerNudge(settings.mqtt_broker_pid_file),
+        )
+    else:
+        await _connect_all(publishers)
     log.info(
         "simulator connected",
         extra={

@@ -92,6 +92,7 @@ class MqttPublisher:
         self._disconnected = asyncio.Event()
         self._refused: ReasonCode | None = None
         self._stopping = False
+        self._paused = False  # gone silent on purpose (go_silent); no automatic reconnect
         self._client: Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._misc_task: asyncio.Task[None] | None = None
@@ -131,6 +132,8 @@ class MqttPublisher:
     async def connect(self, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - whole handshake
         """Open the connection and wait for a successful CONNACK."""
         self._loop = asyncio.get_running_loop()
+        self._stopping, self._paused, self._refused = False, False, None
+        self._connack.clear()
         self._client = self._new_client()
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: unannotated
         properties.SessionExpiryInterval = 300  # paho re-sends unacked messages on reconnect
@@ -188,7 +191,7 @@ class MqttPublisher:
         was_connected = self._connected.is_set()
         self._connected.clear()
         self._disconnected.set()
-        if self._stopping or self._loop is None:
+        if self._stopping or self._paused or self._loop is None:
             return
         if was_connected:
             log.warning(
@@ -276,6 +279,34 @@ class MqttPublisher:
             self._stats.local_errors += 1
             self._slots.release()
             log.warning("publish failed locally", extra={"topic": topic, "rc": int(info.rc)})
+
+    async def go_silent(self, *, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - bounded
+        """Drop off the network the way a dying device does: the broker publishes our will.
+
+        MQTT 5 DISCONNECT with reason 0x04 ("disconnect with will message"); no reconnect
+        until `come_back()`.
+        """
+        if self._client is None or not self._connected.is_set():
+            return
+        self._paused = True
+        will = ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
+        self._client.disconnect(reasoncode=will)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._disconnected.wait(), timeout=timeout)
+
+    async def come_back(self, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - bounded
+        """Reconnect after `go_silent()`; paho re-sends what was queued meanwhile."""
+        if self._client is None or not self._paused:
+            return
+        self._paused = False
+        self._connack.clear()
+        try:
+            self._client.reconnect()
+        except OSError as exc:
+            raise MqttConnectError(f"{self.client_id}: cannot reconnect: {exc}") from exc
+        self._stats.reconnects += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), timeout=timeout)
 
     async def flush(self, *, timeout: float) -> bool:  # noqa: ASYNC109 - a bound on the drain
         """Wait until every message is acknowledged; False when `timeout` passes first."""

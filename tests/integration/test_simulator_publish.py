@@ -143,7 +143,7 @@ async def test_one_connection_per_device_with_its_own_credentials(
         mqtt_settings.ingest_password,
     )
     assert not listener.connect().is_failure
-    await wait_subscribed(listener, listener.subscribe("city/+/+/telemetry", qos=1))
+    await wait_subscribed(listener, listener.subscribe("city/+/+/+", qos=1))
     options = RunOptions(
         devices_per_kind=2,
         districts=2,
@@ -152,8 +152,8 @@ async def test_one_connection_per_device_with_its_own_credentials(
         mode="device",
         id_prefix=prefix,
         settle_s=1.5,
-        radio_effects=False,
-        incidents=False,
+        radio_effects=True,  # the seeded silent manhole needs them (so do a few dropouts)
+        incidents=True,  # among them: a manhole that goes silent from the start
         # a device publishing on another device's topic: the broker's ACL refuses it
         faults=(RejectReason.ID_MISMATCH,),
         first_fault_s=0.5,
@@ -167,15 +167,32 @@ async def test_one_connection_per_device_with_its_own_credentials(
         assert summary.stats.refused == 1  # the id_mismatch publish, PUBACK 0x87
         assert summary.stats.acked == summary.stats.sent - 1 >= 60
 
+        silent = f"{prefix}mh-000001"
+
         def senders() -> set[str]:
             with listener._lock:
                 return {
                     m.topic.split("/")[2]
                     for m in listener.messages
-                    if m.topic.split("/")[2].startswith(prefix)
+                    if m.topic.split("/")[2].startswith(prefix) and m.topic.endswith("/telemetry")
                 }
 
-        await wait_for(lambda: senders() == device_ids, timeout=10, message="every device heard")
+        def wills() -> list[bytes]:
+            with listener._lock:
+                return [
+                    bytes(m.payload)
+                    for m in listener.messages
+                    if m.topic == f"city/manhole/{silent}/status"
+                ]
+
+        await wait_for(
+            lambda: senders() == device_ids - {silent},
+            timeout=10,
+            message=f"devices heard (so far {sorted(senders())})",
+        )
+        # the silent device dropped off with DISCONNECT 0x04: the broker published its will
+        await wait_for(lambda: wills() == [b'{"online":false}'], timeout=10, message="last will")
+        assert summary.by_what.get("went_silent") == 1
         conn = await asyncpg.connect(database_url)
         try:
             stored = await conn.fetchval(
