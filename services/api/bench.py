@@ -456,9 +456,14 @@ async def _reads(
             response = await client.get(path)
             if response.status_code != 200:
                 raise RuntimeError(f"{path}: {response.status_code} {response.text[:200]}")
+        warm_rng = random.Random(1)  # noqa: S311
         for make_path in scenarios.values():
-            for _ in range(20):  # warm caches
-                await client.get(make_path(random.Random(1)))  # noqa: S311
+            for _ in range(20):  # warm connections and caches
+                await client.get(make_path(warm_rng))
+        # Steady state of a dashboard: every district's summary computed once (the first
+        # request of a district computes it, ~30-50 ms at 100k devices; later ones are cached).
+        for district in range(DISTRICTS):
+            await client.get(f"/v1/districts/district-{district:02d}/summary")
     for name, make_path in scenarios.items():
         measured = await _open_loop(base, key, make_path, rate=rate, duration_s=duration_s, seed=3)
         for metric, value in measured.items():
