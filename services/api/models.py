@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -378,6 +377,3 @@ class ApiKeyList(BaseModel):
     """Every API key."""
 
     items: list[ApiKeyOut]
-
-
-Window = tuple[AwareDatetime, AwareDatetime]
