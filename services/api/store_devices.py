@@ -71,33 +71,39 @@ async def list_devices(
         args.append(value)
         return f"${len(args)}"
 
-    if kind is not None:
-        where.append(f"d.kind = {param(kind)}")
-    if district is not None:
-        where.append(f"d.district = {param(district)}")
-    if status is not None:
-        where.append(STATUS_FILTERS[status])
+    # With a bbox the page is cut from the devices in the box, found through the GiST index
+    # on point(lon, lat) (MATERIALIZED: the planner cannot instead walk the primary key in id
+    # order hoping to meet 100 matches soon, a full scan when the box is sparse).
+    source, t = "devices d", "d"
     prefix = ""
     if bbox is not None:
-        # The box is resolved first through the partial GiST index on point(lon, lat) (hence
-        # `lat IS NOT NULL`), MATERIALIZED so the planner cannot instead walk the primary key
-        # in id order hoping to meet 100 matches soon - a full scan when the box is sparse.
         corners = (
             f"point({param(bbox.min_lon)}, {param(bbox.min_lat)}), "
             f"point({param(bbox.max_lon)}, {param(bbox.max_lat)})"
         )
-        in_box = "SELECT device_id FROM devices WHERE lat IS NOT NULL AND point(lon, lat) <@ box("
+        in_box = (
+            "SELECT device_id, kind, district FROM devices "
+            "WHERE lat IS NOT NULL AND point(lon, lat) <@ box("
+        )
         prefix = f"WITH in_box AS MATERIALIZED ({in_box}{corners})) "
-        where.append("d.device_id IN (SELECT device_id FROM in_box)")
+        source, t = "in_box b", "b"
+    if kind is not None:
+        where.append(f"{t}.kind = {param(kind)}")
+    if district is not None:
+        where.append(f"{t}.district = {param(district)}")
+    if status is not None:
+        where.append(STATUS_FILTERS[status])
     if after is not None:
-        where.append(f"d.device_id > {param(after)}")
+        where.append(f"{t}.device_id > {param(after)}")
     clause = ("WHERE " + " AND ".join(where)) if where else ""
-    # The page of ids is chosen on `devices` alone (plus connectivity for a status filter),
-    # then joined with state: the joins see at most limit + 1 rows, never the whole fleet.
-    status_join = "LEFT JOIN device_connectivity c ON c.device_id = d.device_id" if status else ""
+    # The page of ids is chosen first (plus connectivity for a status filter), then joined
+    # with the registry and state: the joins see at most limit + 1 rows, never the fleet.
+    status_join = (
+        f"LEFT JOIN device_connectivity c ON c.device_id = {t}.device_id" if status else ""
+    )
     page = (
-        f"SELECT d.device_id FROM devices d {status_join} {clause} "  # noqa: S608 - $n only
-        f"ORDER BY d.device_id LIMIT {param(limit + 1)}"
+        f"SELECT {t}.device_id FROM {source} {status_join} {clause} "  # noqa: S608 - $n only
+        f"ORDER BY {t}.device_id LIMIT {param(limit + 1)}"
     )
     rows: list[asyncpg.Record] = await conn.fetch(
         f"{prefix}SELECT {_DEVICE_COLUMNS} FROM ({page}) AS page "  # noqa: S608 - see above
