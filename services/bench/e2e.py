@@ -131,6 +131,7 @@ class WindowTally:
     poll_ms: list[float] = field(default_factory=list)
     stream_state_ms: list[float] = field(default_factory=list)
     stream_ticket_ms: list[float] = field(default_factory=list)
+    puback_ms: list[float] = field(default_factory=list)
     state_timeouts: int = 0
     ticket_timeouts: int = 0
 
@@ -321,6 +322,8 @@ class Prober:
     def next_window(self) -> WindowTally:
         """Hand over this window's samples and start a new tally."""
         done, self.tally = self.tally, WindowTally()
+        done.puback_ms = list(self._publisher.ack_latencies_ms)
+        self._publisher.ack_latencies_ms.clear()
         return done
 
 
@@ -354,6 +357,10 @@ def _window_result(
         "stream_state_p99_ms": ms(tally.stream_state_ms, 99),
         "stream_ticket_p50_ms": ms(tally.stream_ticket_ms, 50),
         "stream_ticket_p99_ms": ms(tally.stream_ticket_ms, 99),
+        # the broker's own answer time for the probes (publish -> PUBACK)
+        "mqtt_puback_p50_ms": ms(tally.puback_ms, 50),
+        "mqtt_puback_p99_ms": ms(tally.puback_ms, 99),
+        "mqtt_puback_max_ms": ms(tally.puback_ms, 100),
     }
     result.update({f"cpu_{name}_pct": round(value, 1) for name, value in cpu.items()})
     # how busy the whole machine was (2 cores: above 2 means work was queueing for a CPU)
@@ -559,6 +566,7 @@ async def run_e2e_bench(  # noqa: PLR0915 - one setup/measure/teardown script re
             password=env["CITYOPS_SIMULATOR_MQTT_PASSWORD"],
             stats=stats,
             max_outstanding=100,
+            track_ack_latency=True,
         )
         await publisher.connect()
         prober = Prober(publisher=publisher, http=http, probe_ids=probe_ids, config=config)
@@ -601,6 +609,7 @@ async def run_e2e_bench(  # noqa: PLR0915 - one setup/measure/teardown script re
             pooled.poll_ms += tally.poll_ms
             pooled.stream_state_ms += tally.stream_state_ms
             pooled.stream_ticket_ms += tally.stream_ticket_ms
+            pooled.puback_ms += tally.puback_ms
             pooled.state_timeouts += tally.state_timeouts
             pooled.ticket_timeouts += tally.ticket_timeouts
             windows.append(

@@ -101,6 +101,12 @@ async def versions(*, database_url: str | None, stack_dir: Path, repo: Path) -> 
             found[package] = "not installed"
     found["Mosquitto"] = _command_version(["mosquitto", "-h"], r"mosquitto version (\S+)")
     found["Kafka"] = kafka_version(stack_dir)
+    persistence = stack_dir / "mosquitto" / "data" / "mosquitto.db"
+    if persistence.exists():
+        # the broker rewrites this file every autosave interval, blocking while it does
+        found["Mosquitto persistence file at start (MB)"] = round(
+            persistence.stat().st_size / 2**20, 1
+        )
     if database_url is not None:
         try:
             conn = await asyncpg.connect(database_url, timeout=10)

@@ -87,6 +87,9 @@ async def run_e2e_suite(env: Mapping[str, str], *, quick: bool, runs: int) -> Su
         + ".",
         "`stream_*` are the same probes seen on `/v1/stream` (Server-Sent Events, fed from "
         "Kafka by the API): no polling error, but before the state is written to PostgreSQL.",
+        "`mqtt_puback_*` is the broker's publish -> PUBACK time for the probes: when it has "
+        "seconds-long outliers, the broker itself stalled (e.g. while saving its persistence "
+        "file) and every path downstream inherits them.",
         "`pipeline_msgs_per_s` counts records reaching the telemetry topic during the window; "
         "`cpu_*_pct` is CPU time of each process over the window (100 = one core).",
     ]

@@ -71,6 +71,7 @@ class MqttPublisher:
         max_outstanding: int = 1000,
         will: tuple[str, bytes] | None = None,
         keepalive_s: int = 30,
+        track_ack_latency: bool = False,
     ) -> None:
         if not 1 <= max_outstanding <= MAX_OUTSTANDING_LIMIT:
             raise ValueError(f"max_outstanding must be 1..{MAX_OUTSTANDING_LIMIT}")
@@ -84,6 +85,9 @@ class MqttPublisher:
         self._will = will
         self._keepalive_s = keepalive_s
         self._slots = asyncio.Semaphore(max_outstanding)
+        # publish -> PUBACK times (ms), kept only when asked (the benchmark's probes)
+        self._sent_at: dict[int, float] | None = {} if track_ack_latency else None
+        self.ack_latencies_ms: list[float] = []
         self._outstanding = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -209,6 +213,10 @@ class MqttPublisher:
         reason_code: ReasonCode,
         _properties: Properties | None,
     ) -> None:
+        if self._sent_at is not None:
+            sent_at = self._sent_at.pop(mid, None)
+            if sent_at is not None:
+                self.ack_latencies_ms.append((time.perf_counter() - sent_at) * 1000)
         if reason_code.is_failure:
             self._stats.refused += 1
             log.debug("publish refused", extra={"mid": mid, "reason": str(reason_code)})
@@ -270,6 +278,8 @@ class MqttPublisher:
         assert self._client is not None, "connect() first"
         await self._slots.acquire()
         info: MQTTMessageInfo = self._client.publish(topic, payload, qos=1)
+        if self._sent_at is not None:
+            self._sent_at[info.mid] = time.perf_counter()
         # NO_CONN: paho keeps QoS 1 messages while disconnected and sends them on reconnect
         if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             self._stats.sent += 1

@@ -30,6 +30,7 @@ async def test_probes_are_seen_in_the_api_under_load(stack_env: Mapping[str, str
     assert 0 < pooled["state_p50_ms"] < 5000
     assert 0 < pooled["ticket_p50_ms"] < 10_000
     assert pooled["stream_state_p50_ms"] is not None
+    assert pooled["mqtt_puback_p50_ms"] is not None  # the broker answered the probes
     assert pooled["devices"] == 100
     # the simulated load went through ingest into the benchmark's own telemetry topic
     assert window["pipeline_msgs_per_s"] > 20
