@@ -129,7 +129,8 @@ def render_env(paths: StackPaths, stack_secrets: StackSecrets) -> str:
         "CITYOPS_MQTT_SERVICE_PASSWORD_FILE": str(mqtt_dir / "service.passwd"),
         "CITYOPS_MQTT_DEVICE_PASSWORD_FILE": str(mqtt_dir / "devices.passwd"),
         "CITYOPS_MQTT_PASSWORD_LOCK_FILE": str(mqtt_dir / "passwd.lock"),
-        "CITYOPS_MQTT_BROKER_PID_FILE": str(paths.pid_file("mosquitto")),
+        # the broker's own pid, written by its supervisor (cityops.stack.supervise)
+        "CITYOPS_MQTT_BROKER_PID_FILE": str(paths.child_pid_file("mosquitto")),
         "CITYOPS_API_BOOTSTRAP_KEY": stack_secrets.api_bootstrap_key,
     }
     for key, value in settings.items():

@@ -57,6 +57,10 @@ class StackPaths:
         """The pid file of server `name`."""
         return self.run / f"{name}.pid"
 
+    def child_pid_file(self, name: str) -> Path:
+        """The pid of the server itself when `name` runs under a supervisor."""
+        return self.run / f"{name}-child.pid"
+
     def log_file(self, name: str) -> Path:
         """The stdout/stderr log of server `name`."""
         return self.logs / f"{name}.log"

@@ -6,6 +6,7 @@ import grp
 import os
 import pwd
 import string
+import sys
 from pathlib import Path
 
 from cityops.common import mqtt_auth
@@ -111,15 +112,29 @@ def prepare(paths: StackPaths, stack_secrets: StackSecrets) -> tuple[bool, bool]
 
 def reload(paths: StackPaths) -> bool:
     """SIGHUP our broker so it re-reads passwd and acl."""
-    return mqtt_auth.reload_broker(paths.pid_file("mosquitto"))
+    return mqtt_auth.reload_broker(paths.child_pid_file("mosquitto"))
 
 
 def spec(paths: StackPaths) -> ServerSpec:
-    """How to run the broker (foreground; it drops privileges to `mosquitto` itself)."""
+    """How to run the broker (foreground; it drops privileges to `mosquitto` itself).
+
+    It runs under `cityops.stack.supervise`, which restarts it after a crash (Mosquitto
+    2.0.11 can segfault on SIGHUP reloads); the marker, our config path, is in both.
+    """
     layout = MosquittoLayout(paths)
+    supervisor = [
+        sys.executable,
+        "-m",
+        "cityops.stack.supervise",
+        "--name",
+        "mosquitto",
+        "--pid-file",
+        str(paths.child_pid_file("mosquitto")),
+        "--",
+    ]
     return ServerSpec(
         name="mosquitto",
-        argv=[BINARY, "-c", str(layout.conf)],
+        argv=[*supervisor, BINARY, "-c", str(layout.conf)],
         marker=str(layout.conf),
         ports=(PORT,),
         cwd=layout.home,
