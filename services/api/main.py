@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Generator
@@ -264,6 +265,21 @@ async def running_service(
         await pool.close()
 
 
+def freeze_startup_heap() -> int:
+    """Move every object alive after start-up out of the garbage collector's reach.
+
+    The modules, app, routes, pydantic models and pool built at start-up live as long as the
+    process, yet every full collection walked all of them: measured at 100k devices and 200
+    requests/s, a full collection every ~10 s paused the event loop for 36-86 ms (nothing
+    collected), and each pause queued ~10-20 requests behind it, which was the p99 of the list
+    and bbox pages. After the freeze a full collection takes ~0.3 ms. Returns the number of
+    objects frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def serve(settings: ApiSettings) -> int:
     """Run until SIGTERM / SIGINT; returns the exit code."""
     stop = asyncio.Event()
@@ -278,6 +294,7 @@ async def serve(settings: ApiSettings) -> int:
             server.should_exit = True
 
         watcher = asyncio.create_task(stop_server(), name="stop-watcher")
+        log.info("start-up heap frozen", extra={"objects": freeze_startup_heap()})
         try:
             await server.serve()
         finally:
