@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
 
+from cityops.api.metrics import create_metrics
+from cityops.api.projector import Projector
 from cityops.common.events import StatusEvent, encode_status
+from cityops.common.kinds import Kind
 from tests.helpers import wait_for
 from tests.integration.api_support import api_settings, produce, run_api, telemetry
 
@@ -209,3 +215,64 @@ async def test_partitions_ahead_and_per_kind_retention(database_url: str) -> Non
         assert partitions == 44 - 30 + 1  # plus readings_default
     finally:
         await conn.close()
+
+
+async def test_offsets_committed_after_the_writes_and_on_stop(
+    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+) -> None:
+    """The commit runs in the background; stopping waits for it, so nothing is re-read."""
+    topics = await kafka_topics("city.telemetry.v1", "city.status.v1", partitions=3)
+    telemetry_topic = topics["city.telemetry.v1"]
+    devices = [f"sl-{uuid.uuid4().hex[:8]}" for _ in range(20)]
+    for device_id in devices:
+        await _add_device(database_url, device_id, "wastebin")
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+    await produce(
+        kafka_bootstrap,
+        telemetry_topic,
+        [
+            (d, telemetry(d, "wastebin", seq, t0 + timedelta(minutes=seq), fill_pct=float(seq)))
+            for seq in (1, 2, 3)
+            for d in devices
+        ],
+    )
+    group = f"api-projector-{uuid.uuid4().hex[:8]}"
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    projector = Projector(
+        pool=pool,
+        bootstrap=kafka_bootstrap,
+        topics=[telemetry_topic, topics["city.status.v1"]],
+        telemetry_topic=telemetry_topic,
+        group_id=group,
+        metrics=create_metrics(CollectorRegistry()),
+        batch_max=7,  # many small batches: several commits overlap the next writes
+        fetch_timeout_ms=100,
+        partitions_ahead_days=1,
+        retention_days=dict.fromkeys(Kind, 3650),
+        maintenance_interval_s=3600,
+        client_id=f"test-{group}",
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(projector.run(stop))
+    try:
+        await wait_for(lambda: projector.records >= 60, timeout=30, message="60 projected")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    try:
+        seqs = await pool.fetch("SELECT device_id, seq FROM device_state")
+        assert {r["device_id"]: r["seq"] for r in seqs} == dict.fromkeys(devices, 3)
+    finally:
+        await pool.close()
+    assert projector.batches >= 2
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(telemetry_topic, p) for p in range(3)]
+        ends = await consumer.end_offsets(partitions)
+        committed = {tp: await consumer.committed(tp) for tp in partitions}
+    finally:
+        await consumer.stop()
+    assert sum(ends.values()) == 60
+    assert committed == {tp: (end or None) for tp, end in ends.items()}
