@@ -326,3 +326,21 @@ def stop_processes(case: IngestCase) -> None:
             process.wait(timeout=10)
     for client_id in case.client_ids:
         purge_session(case.mqtt, client_id)
+
+
+@contextlib.asynccontextmanager
+async def ingest_case(
+    *,
+    stack_env: Mapping[str, str],
+    kafka_topics: MakeTopics,
+    database_url: str,
+    mqtt: MqttSettings,
+) -> AsyncIterator[IngestCase]:
+    """A case for one test; afterwards its processes are killed and its sessions purged."""
+    made = await make_case(
+        stack_env=stack_env, kafka_topics=kafka_topics, database_url=database_url, mqtt=mqtt
+    )
+    try:
+        yield made
+    finally:
+        await asyncio.to_thread(stop_processes, made)

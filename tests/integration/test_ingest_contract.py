@@ -20,12 +20,11 @@ from tests.integration.ingest_support import (
     TopicReader,
     gateway,
     headers_of,
+    ingest_case,
     ingest_in_process,
-    make_case,
     metric_value,
     past,
     publish_all,
-    purge_session,
     reading,
 )
 
@@ -41,17 +40,13 @@ async def case(
     database_url: str,
     mqtt_settings: MqttSettings,
 ) -> AsyncIterator[IngestCase]:
-    made = await make_case(
+    async with ingest_case(
         stack_env=stack_env,
         kafka_topics=kafka_topics,
         database_url=database_url,
         mqtt=mqtt_settings,
-    )
-    try:
+    ) as made:
         yield made
-    finally:
-        for client_id in made.client_ids:
-            await asyncio.to_thread(purge_session, mqtt_settings, client_id)
 
 
 async def test_every_kind_accepted_and_every_reason_dead_lettered(case: IngestCase) -> None:

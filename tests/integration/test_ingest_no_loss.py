@@ -24,8 +24,8 @@ from tests.integration.ingest_support import (
     IngestCase,
     TopicReader,
     gateway,
+    ingest_case,
     ingest_in_process,
-    make_case,
     metric_value,
     past,
     publish_all,
@@ -33,7 +33,6 @@ from tests.integration.ingest_support import (
     readyz,
     seqs_of,
     start_subprocess,
-    stop_processes,
     wait_ready,
 )
 
@@ -50,16 +49,13 @@ async def case(
     database_url: str,
     mqtt_settings: MqttSettings,
 ) -> AsyncIterator[IngestCase]:
-    made = await make_case(
+    async with ingest_case(
         stack_env=stack_env,
         kafka_topics=kafka_topics,
         database_url=database_url,
         mqtt=mqtt_settings,
-    )
-    try:
+    ) as made:
         yield made
-    finally:
-        await asyncio.to_thread(stop_processes, made)
 
 
 class Stream:
