@@ -95,8 +95,11 @@ class Authenticator:
         bootstrap_key: str | None,
         cache_s: float,
         clock: Callable[[], float] = time.monotonic,
+        on_use: Callable[[bytes], None] | None = None,
     ) -> None:
         self._lookup = lookup
+        # told the hash of every stored key that authenticates (KeyUsage.record: no I/O)
+        self._on_use = on_use
         self._bootstrap_hash = hash_api_key(bootstrap_key) if bootstrap_key else None
         self._cache_s = cache_s
         self._clock = clock
@@ -122,6 +125,8 @@ class Authenticator:
                 "the API key is not valid or was revoked",
                 headers={"WWW-Authenticate": 'Bearer realm="cityops", error="invalid_token"'},
             )
+        if self._on_use is not None:
+            self._on_use(key_hash)
         return principal
 
     def forget(self) -> None:

@@ -26,6 +26,7 @@ from cityops.api.app import create_app
 from cityops.api.auth import Authenticator, Principal, effective_scopes
 from cityops.api.cache import TtlCache
 from cityops.api.context import ApiContext
+from cityops.api.key_usage import KeyUsage, run_key_usage
 from cityops.api.metrics import ApiMetrics, create_metrics
 from cityops.api.projector import Projector
 from cityops.api.provisioning import BrokerFiles, CredentialStore
@@ -135,6 +136,7 @@ def build_context(
     pool: asyncpg.Pool,
     producer: AIOKafkaProducer,
     metrics: ApiMetrics,
+    key_usage: KeyUsage | None = None,
 ) -> ApiContext:
     """Wire the collaborators of the HTTP app."""
 
@@ -158,6 +160,7 @@ def build_context(
             lookup=lookup,
             bootstrap_key=bootstrap.get_secret_value() if bootstrap else None,
             cache_s=settings.api_key_cache_s,
+            on_use=key_usage.record if key_usage is not None else None,
         ),
         credentials=CredentialStore(
             files=files, metrics=metrics, iterations=settings.mqtt_password_iterations
@@ -225,7 +228,10 @@ async def running_service(
     )
     pool = await create_pool(settings)
     producer = await start_producer(settings, stop)
-    context = build_context(settings, pool=pool, producer=producer, metrics=metrics)
+    key_usage = KeyUsage(registry=registry, flush_s=settings.api_key_usage_flush_s)
+    context = build_context(
+        settings, pool=pool, producer=producer, metrics=metrics, key_usage=key_usage
+    )
     projector_task: asyncio.Task[None] | None = None
     projector = None
     try:
@@ -248,7 +254,8 @@ async def running_service(
         )
         server = _Server(config)
         # city-domain gauges (cityops_city_*), refreshed from PostgreSQL on a timer
-        async with run_city_metrics(pool, registry=registry):
+        # keys' last_used_at: flushed on a timer, and once more after the server has stopped
+        async with run_city_metrics(pool, registry=registry), run_key_usage(pool, key_usage):
             yield server, context
     finally:
         stop.set()

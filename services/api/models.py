@@ -365,6 +365,10 @@ class ApiKeyOut(BaseModel):
     scopes: list[str]
     created_at: datetime
     revoked_at: datetime | None
+    last_used_at: datetime | None = Field(
+        description="Last authenticated use, written by each replica at most every"
+        " CITYOPS_API_KEY_USAGE_FLUSH_S (null: never used)."
+    )
 
 
 class ApiKeyCreated(ApiKeyOut):

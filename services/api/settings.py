@@ -29,6 +29,12 @@ class ApiSettings(KafkaSettings, DatabaseSettings):
     api_key_cache_s: float = Field(
         default=5.0, ge=0, le=300, description="How long a key lookup is cached (revocation lag)."
     )
+    api_key_usage_flush_s: float = Field(
+        default=30.0,
+        ge=0.05,
+        le=3600,
+        description="How often a replica writes its keys' last_used_at (one statement).",
+    )
 
     # Read-model projector.
     api_projector_enabled: bool = True

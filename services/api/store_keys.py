@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import asyncpg
 
 from cityops.api.db import Executor
@@ -23,7 +25,7 @@ async def create_key(
         """
         INSERT INTO api_keys (name, key_hash, scopes) VALUES ($1, $2, $3::text[])
         ON CONFLICT (name) DO NOTHING
-        RETURNING name, scopes, created_at, revoked_at
+        RETURNING name, scopes, created_at, revoked_at, last_used_at
         """,
         name,
         key_hash,
@@ -35,7 +37,7 @@ async def create_key(
 async def list_keys(conn: Executor) -> list[asyncpg.Record]:
     """Every key's public facts."""
     rows: list[asyncpg.Record] = await conn.fetch(
-        "SELECT name, scopes, created_at, revoked_at FROM api_keys ORDER BY name"
+        "SELECT name, scopes, created_at, revoked_at, last_used_at FROM api_keys ORDER BY name"
     )
     return rows
 
@@ -46,3 +48,21 @@ async def revoke_key(conn: Executor, *, name: str) -> bool:
         "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE name = $1", name
     )
     return status != "UPDATE 0"
+
+
+async def record_key_use(
+    conn: Executor, *, key_hashes: list[bytes], used_at: list[datetime], timeout_s: float
+) -> int:
+    """Move each key's last_used_at forward to its use time (never back); returns rows changed."""
+    status = await conn.execute(
+        """
+        UPDATE api_keys AS k SET last_used_at = greatest(k.last_used_at, u.used_at)
+        FROM unnest($1::bytea[], $2::timestamptz[]) AS u (key_hash, used_at)
+        WHERE k.key_hash = u.key_hash
+          AND (k.last_used_at IS NULL OR k.last_used_at < u.used_at)
+        """,
+        key_hashes,
+        used_at,
+        timeout=timeout_s,
+    )
+    return int(status.split()[-1])
