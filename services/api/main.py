@@ -167,8 +167,12 @@ def build_context(
         ),
         publisher=EventPublisher(
             producer=producer,
+            pool=pool,
+            metrics=metrics,
             devices_topic=settings.topic_devices,
             tickets_topic=settings.topic_tickets,
+            publish_timeout_s=settings.api_outbox_publish_timeout_s,
+            sweep_interval_s=settings.api_outbox_sweep_s,
         ),
         broadcaster=Broadcaster(
             bootstrap=settings.kafka_bootstrap,
@@ -234,6 +238,8 @@ async def running_service(
     )
     projector_task: asyncio.Task[None] | None = None
     projector = None
+    # the outbox relay: publishes committed events, sweeps what failures and crashes left
+    relay_task = asyncio.create_task(context.publisher.run(stop), name="outbox-relay")
     try:
         async with pool.acquire() as conn:
             states = await store_devices.credential_states(conn)
@@ -268,8 +274,18 @@ async def running_service(
                 log.exception("projector did not stop in time; its batch will be replayed")
             except (asyncpg.PostgresError, OSError, KafkaError) as exc:
                 log.error("projector failed: %s", exc)  # noqa: TRY400 - reported, not hidden
+        await _stop_relay(context, relay_task, timeout_s=settings.shutdown_timeout_s)
         await producer.stop()
         await pool.close()
+
+
+async def _stop_relay(context: ApiContext, task: asyncio.Task[None], *, timeout_s: float) -> None:
+    """Wait for the relay loop, then publish what the last requests committed (bounded)."""
+    try:
+        await asyncio.wait_for(task, timeout_s)
+        await asyncio.wait_for(context.publisher.final_relay(), timeout_s)
+    except TimeoutError:
+        log.warning("outbox relay did not finish in time; the outbox keeps the events")
 
 
 def freeze_startup_heap() -> int:

@@ -27,6 +27,10 @@ class ApiMetrics:
     stream_clients: Gauge
     stream_events: Counter
     stream_dropped: Counter
+    outbox_published: Counter
+    outbox_failed: Counter
+    outbox_backlog: Gauge
+    outbox_oldest_age: Gauge
 
 
 def create_metrics(registry: CollectorRegistry) -> ApiMetrics:
@@ -120,6 +124,28 @@ def create_metrics(registry: CollectorRegistry) -> ApiMetrics:
         stream_dropped=Counter(
             "cityops_api_stream_dropped_clients_total",
             "Stream clients disconnected because they could not keep up.",
+            registry=registry,
+        ),
+        outbox_published=Counter(
+            "cityops_api_outbox_events_published_total",
+            "Outbox events Kafka acknowledged (then deleted from the outbox), by topic.",
+            ["topic"],
+            registry=registry,
+        ),
+        outbox_failed=Counter(
+            "cityops_api_outbox_events_failed_total",
+            "Outbox events whose produce failed or timed out (they stay for a retry), by topic.",
+            ["topic"],
+            registry=registry,
+        ),
+        outbox_backlog=Gauge(
+            "cityops_api_outbox_backlog_events",
+            "Events waiting in the outbox (whole table: every replica reports the same rows).",
+            registry=registry,
+        ),
+        outbox_oldest_age=Gauge(
+            "cityops_api_outbox_oldest_age_seconds",
+            "Age of the oldest event waiting in the outbox; 0 when it is empty.",
             registry=registry,
         ),
     )

@@ -153,12 +153,6 @@ async def get_device(context: Context, _: Reader, device_id: str) -> Response:
     return json_response(document)
 
 
-async def _publish(context: Context, device_ids: list[str]) -> None:
-    async with context.pool.acquire() as conn:
-        rows = await store_devices.registry_rows(conn, device_ids=device_ids)
-    await context.publisher.devices_changed(rows)
-
-
 @router.post(
     "/devices",
     response_model=DeviceProvisioned,
@@ -181,12 +175,13 @@ async def create_device(
         )
         if body.enabled:
             await context.credentials.apply(conn, {body.device_id: password_hash})
+        await context.publisher.devices_changed(conn, device_ids=created)
+    context.publisher.committed()
     context.metrics.provisioned.inc()
     log.info(
         "device provisioned",
         extra={"device_id": body.device_id, "kind": body.kind.value, "actor": principal.actor},
     )
-    await _publish(context, created)
     row = await _device_or_404(context, body.device_id)
     response.headers["Location"] = f"/v1/devices/{body.device_id}"
     return {
@@ -286,6 +281,8 @@ async def import_devices(context: Context, principal: Admin, request: Request) -
             )
             states = await store_devices.credential_states(conn, device_ids=created + updated)
             await context.credentials.apply(conn, states)
+            await context.publisher.devices_changed(conn, device_ids=created + updated)
+    context.publisher.committed()
     errors.extend(
         ImportRowError(
             row=row_number,
@@ -309,7 +306,6 @@ async def import_devices(context: Context, principal: Admin, request: Request) -
             "actor": principal.actor,
         },
     )
-    await _publish(context, created + updated)
     return {
         "created": len(created),
         "updated": len(updated),
@@ -343,17 +339,19 @@ async def patch_device(
                     )
                     states = await store_devices.credential_states(conn, device_ids=[device_id])
                     await context.credentials.apply(conn, states)
+                if found:
+                    await context.publisher.devices_changed(conn, device_ids=[device_id])
         except asyncpg.CheckViolationError as exc:
             raise Problem(
                 422, "lat and lon must both be set or both be null", problem="validation"
             ) from exc
         if not found:
             raise Problem(404, f"no device {device_id!r}", problem="device-not-found")
+        context.publisher.committed()
         log.info(
             "device changed",
             extra={"device_id": device_id, "fields": sorted(changes), "actor": principal.actor},
         )
-        await _publish(context, [device_id])
     return device_out(await _device_or_404(context, device_id))
 
 
@@ -365,9 +363,10 @@ async def delete_device(context: Context, principal: Admin, device_id: str) -> R
         if kind is None:
             raise Problem(404, f"no device {device_id!r}", problem="device-not-found")
         await context.credentials.apply(conn, {device_id: None})
+        await context.publisher.device_deleted(conn, device_id=device_id)
+    context.publisher.committed()
     context.metrics.revoked.inc()
     log.info("device deleted", extra={"device_id": device_id, "actor": principal.actor})
-    await context.publisher.device_deleted(device_id)
     return Response(status_code=204)
 
 

@@ -145,6 +145,8 @@ async def transition_ticket(
                 resolution=body.resolution,
                 note=body.note,
             )
+            # the event commits with the transition (outbox), Kafka gets it after the commit
+            await context.publisher.ticket_transition(conn, event_from_rows(ticket, transition))
     except asyncpg.UniqueViolationError as exc:
         # Reopening while the rule already opened a new ticket for the same device and rule.
         raise Problem(
@@ -162,6 +164,5 @@ async def transition_ticket(
             "actor": principal.actor,
         },
     )
-    event = event_from_rows(ticket, transition)
-    await context.publisher.ticket_transition(event)
+    context.publisher.committed()
     return ticket_out(ticket)

@@ -76,6 +76,14 @@ class ApiSettings(KafkaSettings, DatabaseSettings):
         description="District summaries are recomputed at most this often per replica.",
     )
 
+    # Outbox of the API's Kafka events (publisher.py).
+    api_outbox_sweep_s: float = Field(
+        default=10.0, gt=0, le=3600, description="How often the whole outbox is re-published."
+    )
+    api_outbox_publish_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Longest wait for Kafka's acks of one batch."
+    )
+
     # Limits.
     api_import_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
     api_import_max_rows: int = Field(default=100_000, ge=1, le=1_000_000)
