@@ -66,12 +66,13 @@ def decode_records(
 
 
 async def write_batch(conn: Conn, batch: ProjectionBatch) -> tuple[int, int]:
-    """Write one folded batch in one transaction; returns (state rows moved, readings inserted)."""
-    async with conn.transaction():
-        inserted = await store_state.insert_readings(conn, readings=batch.readings.values())
-        moved = await store_state.upsert_states(conn, states=batch.states.values())
-        await store_state.upsert_connectivity(conn, rows=list(batch.connectivity.values()))
-    return moved, inserted
+    """Write one folded batch atomically; returns (state rows moved, readings inserted)."""
+    return await store_state.write_batch(
+        conn,
+        readings=batch.readings.values(),
+        states=batch.states,
+        connectivity=list(batch.connectivity.values()),
+    )
 
 
 class Projector:

@@ -13,7 +13,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from cityops.api.metrics import create_metrics
-from cityops.api.projector import Projector
+from cityops.api.projection import fold, telemetry_row
+from cityops.api.projector import Projector, write_batch
 from cityops.common.events import StatusEvent, encode_status
 from cityops.common.kinds import Kind
 from tests.helpers import wait_for
@@ -154,6 +155,51 @@ async def test_reading_becomes_state_and_never_moves_backwards(
         assert "cityops_api_projector_readings_written_total 5.0" in metrics
         assert 'route="/v1/devices/{device_id}"' in metrics  # the template, never the id
         assert device_id not in metrics
+
+
+async def test_one_statement_writes_a_batch_and_a_replay_changes_nothing(
+    database_url: str,
+) -> None:
+    a, b = f"wb-{uuid.uuid4().hex[:8]}", f"pk-{uuid.uuid4().hex[:8]}"
+    await _add_device(database_url, a, "wastebin")
+    await _add_device(database_url, b, "parking")
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+    seen = datetime.now(UTC)
+
+    def row(device_id: str, kind: str, seq: int, **values: Any) -> Any:
+        return telemetry_row(telemetry(device_id, kind, seq, t0 + timedelta(minutes=seq), **values))
+
+    # a's readings out of order and one replayed inside the batch; b gets a reading and then
+    # an offline status that is newer than the reading.
+    events = [
+        row(a, "wastebin", 3, fill_pct=30.0),
+        row(a, "wastebin", 5, fill_pct=50.0),
+        row(a, "wastebin", 4, fill_pct=40.0),
+        row(a, "wastebin", 5, fill_pct=50.0),
+        row(b, "parking", 1, occupied=True),
+        StatusEvent(
+            device_id=b,
+            kind="parking",
+            online=False,
+            received_at=seen + timedelta(hours=1),
+            ingest_id="t",
+        ),
+    ]
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await write_batch(conn, fold(events)) == (2, 4)
+        states = dict(await conn.fetch("SELECT device_id, seq FROM device_state"))
+        assert states == {a: 5, b: 1}
+        online = dict(await conn.fetch("SELECT device_id, online FROM device_connectivity"))
+        assert online == {a: True, b: False}
+        # The same batch again (a crash before the offset commit): nothing moves.
+        assert await write_batch(conn, fold(events)) == (0, 0)
+        # A late, older reading lands in history but never moves the state backwards.
+        assert await write_batch(conn, fold([row(a, "wastebin", 2, fill_pct=20.0)])) == (0, 1)
+        assert await conn.fetchval("SELECT seq FROM device_state WHERE device_id = $1", a) == 5
+        assert await conn.fetchval("SELECT count(*) FROM readings WHERE device_id = $1", a) == 4
+    finally:
+        await conn.close()
 
 
 async def test_partitions_ahead_and_per_kind_retention(database_url: str) -> None:
