@@ -7,14 +7,15 @@ holding the load (N devices at R msgs/s) in its own process.
 
 Measurement: a probe client in this process publishes readings for a few extra waste bins in
 a district of their own (`bench-probe`), through the same broker account as the load:
-- state probes: a reading with the next seq; visible when `GET /v1/devices?district=...`
+- state probes: a reading with the next seq; visible when `GET /v1/devices/{id}` of that bin
   shows that seq;
 - ticket probes: a reading with temperature_c 85 (rule bin_fire); visible when
   `GET /v1/tickets?district=...` lists a new ticket for the bin; a cooling reading follows
   so the ticket auto-resolves and the bin can fire again.
-The two list endpoints are polled only while a probe is pending, every `poll_interval_s`, so
-the latency reported is an upper bound: the true value is up to one poll interval plus one
-request less. Probes are a few per second against a load of thousands: they do not shape it.
+Each endpoint is polled on its own loop only while a probe of its sort is pending, every
+`poll_interval_s`, so the latency reported is an upper bound: the true value is up to one poll
+interval plus one request less. Probes are a few per second against a load of thousands: they
+do not shape it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -234,13 +235,16 @@ class Prober:
         return body, received
 
     async def _poll_state(self) -> None:
-        page, received = await self._get("/v1/devices", {"district": PROBE_DISTRICT, "limit": 1000})
-        for item in page["items"]:
-            pending = self._pending_state.get(item["device_id"])
-            state = item.get("state")
-            if pending is not None and state is not None and state["seq"] >= pending[0]:
-                self.tally.state_ms.append((received - pending[1]) * 1000)
-                del self._pending_state[item["device_id"]]
+        # One GET of each pending bin (`/v1/devices/{id}`, the cheapest read of a state):
+        # usually one, since a state probe is sent every other probe interval.
+        pending = list(self._pending_state)
+        replies = await asyncio.gather(*(self._get(f"/v1/devices/{d}", {}) for d in pending))
+        for device_id, (body, received) in zip(pending, replies, strict=True):
+            probe = self._pending_state.get(device_id)
+            state = body.get("state")
+            if probe is not None and state is not None and state["seq"] >= probe[0]:
+                self.tally.state_ms.append((received - probe[1]) * 1000)
+                del self._pending_state[device_id]
 
     async def _poll_tickets(self, *, initial: bool = False) -> None:
         page, received = await self._get("/v1/tickets", {"district": PROBE_DISTRICT, "limit": 1000})
@@ -276,19 +280,27 @@ class Prober:
                 del self._stream_ticket[device_id]
 
     async def watch_loop(self, *, until: float) -> None:
-        """Poll the API while a probe is pending; sleep on an event while none is."""
-        while time.perf_counter() < until or self._pending_state or self._pending_ticket:
-            if not self._pending_state and not self._pending_ticket:
+        """Poll the API for pending state and ticket probes, each on its own loop."""
+        await asyncio.gather(
+            self._watch(until=until, pending=self._pending_state, poll=self._poll_state),
+            self._watch(until=until, pending=self._pending_ticket, poll=self._poll_tickets),
+        )
+
+    async def _watch(
+        self,
+        *,
+        until: float,
+        pending: Mapping[str, object],
+        poll: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Poll while a probe of this sort is pending; sleep on an event while none is."""
+        while time.perf_counter() < until or pending:
+            if not pending:
                 self._work.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work.wait(), timeout=1.0)
                 continue
-            polls = []
-            if self._pending_state:
-                polls.append(self._poll_state())
-            if self._pending_ticket:
-                polls.append(self._poll_tickets())
-            await asyncio.gather(*polls)
+            await poll()
             self._expire()
             await asyncio.sleep(self._config.poll_interval_s)
 

@@ -76,9 +76,11 @@ async def run_e2e_suite(env: Mapping[str, str], *, quick: bool, runs: int) -> Su
         f"subprocesses on a fresh database and fresh topics; {config.windows} windows of "
         f"{config.window_s:.0f} s after {config.warmup_s:.0f} s of warm-up.",
         f"Probes: {config.probe_bins} extra bins in district `{e2e.PROBE_DISTRICT}`, one probe "
-        f"every {config.probe_interval_s:g} s alternating state and ticket (bin_fire); the API "
-        f"is polled every {config.poll_interval_s * 1000:g} ms while a probe is pending, so "
-        "latencies are upper bounds (true value up to one poll interval + one request less).",
+        f"every {config.probe_interval_s:g} s alternating state and ticket (bin_fire); while a "
+        "probe is pending the API is polled every "
+        f"{config.poll_interval_s * 1000:g} ms (`GET /v1/devices/{{id}}` of the pending bin for "
+        "state, `GET /v1/tickets?district=` for tickets, each on its own loop), so latencies "
+        "are upper bounds (true value up to one poll interval + one request less).",
         "Pooled over all windows: "
         + ", ".join(
             f"{key} {value:g}" if is_number(value) else f"{key} {value}"
