@@ -1,8 +1,9 @@
 """`cityops ingest`: MQTT -> validate -> Kafka, acknowledging each message only once Kafka has it.
 
-Lifecycle: load the device registry, connect the Kafka producer, then connect to MQTT and start
-reading. SIGTERM/SIGINT stops reading, finishes what was received (bounded by
-CITYOPS_SHUTDOWN_TIMEOUT_S), sends the remaining PUBACKs, disconnects, and logs one summary line.
+Lifecycle: take positions at the end of the devices topic, load the device registry, connect the
+Kafka producer, then connect to MQTT and start reading. SIGTERM/SIGINT stops reading, finishes
+what was received (bounded by CITYOPS_SHUTDOWN_TIMEOUT_S), sends the remaining PUBACKs,
+disconnects, and logs one summary line.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ from cityops.ingest.mqtt_source import MqttSource
 from cityops.ingest.pipeline import Pipeline, PipelineStats
 from cityops.ingest.ratelimit import TokenBuckets
 from cityops.ingest.registry_cache import RegistryCache, keep_fresh
+from cityops.ingest.registry_follow import DevicesFollower
+from cityops.ingest.registry_lookup import DatabaseLookup, MissResolver
 from cityops.ingest.settings import IngestSettings
 from cityops.ingest.validate import OutputTopics, Validator
 
 log = logging.getLogger(__name__)
+
+# At start-up the snapshot waits this long for the devices-topic follower to take its positions
+# (see registry_follow); without the topic it loads anyway, refresh and lookups still work.
+_FOLLOW_WAIT_S = 10.0
 
 
 async def run(settings: IngestSettings, *, stop: asyncio.Event | None = None) -> PipelineStats:
@@ -61,10 +68,30 @@ async def run(settings: IngestSettings, *, stop: asyncio.Event | None = None) ->
     sink = KafkaSink(
         bootstrap=settings.kafka_bootstrap,
         client_id=f"ingest-{settings.instance_id}",
-        linger_ms=settings.ingest_kafka_linger_ms,
         compression=settings.ingest_kafka_compression,
         max_batch_bytes=settings.ingest_kafka_max_batch_bytes,
         request_timeout_ms=settings.ingest_kafka_request_timeout_ms,
+    )
+    database_url = settings.database_url.get_secret_value()
+    lookup = DatabaseLookup(database_url=database_url)
+    resolver = (
+        MissResolver(
+            cache=cache,
+            fetch=lookup,
+            metrics=metrics,
+            max_ids=settings.ingest_registry_lookup_max_ids,
+            absent_ttl_s=settings.ingest_registry_refresh_s,
+            timeout_s=settings.ingest_registry_lookup_timeout_s,
+        )
+        if settings.ingest_registry_lookup_max_ids > 0
+        else None
+    )
+    follower = DevicesFollower(
+        bootstrap=settings.kafka_bootstrap,
+        topic=settings.topic_devices,
+        client_id=f"ingest-registry-{settings.instance_id}",
+        cache=cache,
+        metrics=metrics,
     )
     pipeline = Pipeline(
         validator=validator,
@@ -72,6 +99,7 @@ async def run(settings: IngestSettings, *, stop: asyncio.Event | None = None) ->
         metrics=metrics,
         ingest_id=settings.instance_id,
         max_in_flight=settings.ingest_max_in_flight,
+        resolver=resolver,
     )
 
     def on_connection_change(connected: bool) -> None:
@@ -112,10 +140,14 @@ async def run(settings: IngestSettings, *, stop: asyncio.Event | None = None) ->
         ),
         asyncio.TaskGroup() as tasks,
     ):
+        tasks.create_task(follower.run(stop))
+        # Positions first, snapshot second: a change committed after the snapshot is then
+        # certainly read from the topic (registry_follow explains why).
+        await _first(follower.positioned, stop, timeout_s=_FOLLOW_WAIT_S)
         tasks.create_task(
             keep_fresh(
                 cache,
-                database_url=settings.database_url.get_secret_value(),
+                database_url=database_url,
                 refresh_s=settings.ingest_registry_refresh_s,
                 full_reload_s=settings.ingest_registry_full_reload_s,
                 stop=stop,
@@ -146,6 +178,7 @@ async def run(settings: IngestSettings, *, stop: asyncio.Event | None = None) ->
         else:
             drained = True
         stop.set()
+        await lookup.close()
     stats = pipeline.stats
     log.info(
         "ingest stopped",
@@ -162,10 +195,12 @@ async def run(settings: IngestSettings, *, stop: asyncio.Event | None = None) ->
     return stats
 
 
-async def _first(ready: asyncio.Event, stop: asyncio.Event) -> bool:
-    """Wait for `ready` or `stop`; True if `ready` came first."""
+async def _first(
+    ready: asyncio.Event, stop: asyncio.Event, *, timeout_s: float | None = None
+) -> bool:
+    """Wait for `ready` or `stop` (or the timeout); True if `ready` came first."""
     waiters = {asyncio.ensure_future(ready.wait()), asyncio.ensure_future(stop.wait())}
-    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:
         waiter.cancel()
     return ready.is_set() and not stop.is_set()

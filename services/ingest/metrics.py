@@ -25,6 +25,12 @@ class IngestMetrics:
     mqtt_connected: Gauge
     mqtt_reconnects: Counter
     registry_devices: Gauge
+    registry_topic_records: Counter
+    registry_lookups: Counter
+    registry_lookup_devices: Counter
+    registry_lookup_skipped: Counter
+    registry_lookup_latency: Histogram
+    registry_negative_hits: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> IngestMetrics:
@@ -88,6 +94,43 @@ class IngestMetrics:
             registry_devices=Gauge(
                 "cityops_ingest_registry_devices",
                 "Enabled devices in the in-memory registry cache.",
+                registry=registry,
+            ),
+            registry_topic_records=Counter(
+                "cityops_ingest_registry_topic_records_total",
+                "Records read from the devices topic: applied, deleted (tombstone), stale "
+                "(older than the cached row), invalid.",
+                ["outcome"],
+                registry=registry,
+            ),
+            registry_lookups=Counter(
+                "cityops_ingest_registry_lookups_total",
+                "PostgreSQL lookups of devices a reading named but the cache did not know.",
+                ["outcome"],
+                registry=registry,
+            ),
+            registry_lookup_devices=Counter(
+                "cityops_ingest_registry_lookup_devices_total",
+                "Device ids looked up on a registry miss, by result (found, absent).",
+                ["result"],
+                registry=registry,
+            ),
+            registry_lookup_skipped=Counter(
+                "cityops_ingest_registry_lookup_skipped_total",
+                "Registry misses dead-lettered without a lookup (cap, negative_cache_full, "
+                "after_error).",
+                ["reason"],
+                registry=registry,
+            ),
+            registry_lookup_latency=Histogram(
+                "cityops_ingest_registry_lookup_seconds",
+                "Duration of one registry lookup (how long the missed readings were held).",
+                buckets=_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            registry_negative_hits=Counter(
+                "cityops_ingest_registry_negative_cache_hits_total",
+                "Registry misses answered by the negative cache (no query).",
                 registry=registry,
             ),
         )

@@ -5,6 +5,12 @@ A message is acknowledged to the broker only after Kafka acknowledged the record
 order messages arrived. A failed delivery is retried in place and holds back every later ack,
 so a Kafka outage stops acks, the in-flight window fills, reading from MQTT pauses and memory
 stays bounded; the broker keeps everything else in the persistent session.
+
+Readings whose device the registry cache has never heard of are held for one batched
+PostgreSQL lookup per turn (registry_lookup.MissResolver) and then validated again. The turn
+waits for that lookup (bounded by its timeout) instead of letting later messages overtake the
+held ones: records reach Kafka in receive order, per device and overall, exactly as without the
+lookup, and the acks keep receive order because entries still join the pending window in order.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from cityops.common.kinds import Kind, RejectReason
 from cityops.common.topics import Channel
 from cityops.ingest.metrics import IngestMetrics
 from cityops.ingest.mqtt_source import Inbound
+from cityops.ingest.registry_lookup import MissResolver
 from cityops.ingest.validate import Accepted, Rejected, Validator, clip, deadletter_headers
 
 log = logging.getLogger(__name__)
@@ -90,6 +97,7 @@ class Pipeline:
         metrics: IngestMetrics,
         ingest_id: str,
         max_in_flight: int,
+        resolver: MissResolver | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._validator = validator
@@ -99,6 +107,10 @@ class Pipeline:
         self._max_in_flight = max_in_flight
         self._resume_below = max(1, max_in_flight // 2)
         self._clock = clock
+        self._resolver = resolver
+        # Registry misses of the current turn waiting for the lookup, and their device ids.
+        self._held: list[tuple[Inbound, datetime, float]] = []
+        self._held_ids: dict[str, None] = {}
         self._source: Source | None = None
         self._queue: deque[tuple[list[Inbound], datetime, float]] = deque()
         self._queued = 0
@@ -154,15 +166,18 @@ class Pipeline:
             while self._queue:
                 # Everything received since the last turn goes to Kafka together: one record
                 # batch per (topic, partition), one delivery future per batch.
-                entries: list[_Pending] = []
+                entries: list[_Pending | None] = []
+                taken = 0
                 while self._queue:
                     batch, received_at, received_mono = self._queue.popleft()
-                    self._queued -= len(batch)
+                    taken += len(batch)
                     entries.extend(
                         self._process(inbound, received_at, received_mono) for inbound in batch
                     )
-                self._pending.extend(entries)
-                await self._send(entries)
+                decided = await self._decide_held(entries) if self._held else entries
+                self._pending.extend(decided)  # type: ignore[arg-type] # no None left
+                self._queued -= taken  # only now: held messages stay counted as in flight
+                await self._send(decided)  # type: ignore[arg-type] # no None left
             self._metrics.in_flight.set(self.in_flight)
             if not self._pending:
                 self._idle.set()
@@ -179,9 +194,24 @@ class Pipeline:
             return False
         return True
 
-    def _process(self, inbound: Inbound, received_at: datetime, received_mono: float) -> _Pending:
+    async def _decide_held(self, entries: list[_Pending | None]) -> list[_Pending | None]:
+        """Look up the held messages' devices (one query), then validate them again, in place."""
+        held, self._held = self._held, []
+        device_ids, self._held_ids = list(self._held_ids), {}
+        assert self._resolver is not None
+        await self._resolver.resolve(device_ids)
+        again = iter(held)
+        for index, entry in enumerate(entries):
+            if entry is None:
+                inbound, received_at, received_mono = next(again)
+                entries[index] = self._process(inbound, received_at, received_mono, lookup=False)
+        return entries
+
+    def _process(
+        self, inbound: Inbound, received_at: datetime, received_mono: float, *, lookup: bool = True
+    ) -> _Pending | None:
+        """The pending entry for one message, or None when it is held for a registry lookup."""
         stats = self.stats
-        stats.received += 1
         try:
             mqtt_topic = inbound.topic.decode()
         except UnicodeDecodeError:
@@ -193,6 +223,7 @@ class Pipeline:
             result = self._validator.validate(mqtt_topic, inbound.payload, received_at)
         metrics = self._metrics
         if isinstance(result, Accepted):
+            stats.received += 1
             stats.accepted += 1
             counters = self._accepted_counters.get((result.kind, result.channel))
             if counters is None:
@@ -216,6 +247,15 @@ class Pipeline:
                 None,
             )
         else:
+            if (
+                lookup
+                and result.reason is RejectReason.UNKNOWN_DEVICE
+                and self._resolver is not None
+                and result.key is not None
+                and self._hold(result.key.decode(), inbound, received_at, received_mono)
+            ):
+                return None
+            stats.received += 1
             stats.rejected += 1
             reason = result.reason.value
             stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
@@ -237,6 +277,20 @@ class Pipeline:
                 headers,
             )
         return entry
+
+    def _hold(
+        self, device_id: str, inbound: Inbound, received_at: datetime, received_mono: float
+    ) -> bool:
+        """Hold a registry miss for this turn's lookup if the resolver wants it looked up."""
+        held_ids = self._held_ids
+        resolver = self._resolver
+        assert resolver is not None
+        if device_id not in held_ids:
+            if not resolver.wants(device_id, len(held_ids)):
+                return False
+            held_ids[device_id] = None
+        self._held.append((inbound, received_at, received_mono))
+        return True
 
     async def _send(self, entries: list[_Pending]) -> None:
         try:
@@ -282,7 +336,7 @@ class Pipeline:
             self._metrics.in_flight.set(self.in_flight)
             if self._paused and self.in_flight <= self._resume_below:
                 self._resume()
-        if not pending and not self._queue:
+        if not pending and not self._queued:  # counts a turn still held for a lookup
             self._idle.set()
 
     def _retry(self, group: list[_Pending], exc: BaseException) -> None:

@@ -46,7 +46,6 @@ class IngestSettings(KafkaSettings, DatabaseSettings, MetricsSettings):
         le=65_535,
         description="Messages received but not yet acknowledged (MQTT 5 Receive Maximum).",
     )
-    ingest_kafka_linger_ms: int = Field(default=5, ge=0, le=1000)
     ingest_kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "lz4"
     ingest_kafka_max_batch_bytes: int = Field(default=262_144, ge=16_384, le=16_777_216)
     ingest_kafka_request_timeout_ms: int = Field(default=30_000, ge=1000, le=600_000)
@@ -54,8 +53,22 @@ class IngestSettings(KafkaSettings, DatabaseSettings, MetricsSettings):
         default=5.0, gt=0, description="/readyz fails when a record waits longer than this."
     )
 
-    ingest_registry_refresh_s: float = Field(default=5.0, gt=0, le=3600)
+    ingest_registry_refresh_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="Incremental PostgreSQL refresh; also how long an absent id is remembered.",
+    )
     ingest_registry_full_reload_s: float = Field(default=300.0, gt=0, le=86_400)
+    ingest_registry_lookup_max_ids: int = Field(
+        default=500,
+        ge=0,
+        le=10_000,
+        description="Distinct unknown device ids per PostgreSQL lookup (one per turn); 0: off.",
+    )
+    ingest_registry_lookup_timeout_s: float = Field(
+        default=1.0, gt=0, le=30, description="Longest a registry lookup may hold readings."
+    )
 
     @field_validator("mqtt_url")
     @classmethod

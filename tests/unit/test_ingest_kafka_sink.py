@@ -140,7 +140,6 @@ def sink_with(producer: FakeProducer) -> KafkaSink:
     sink = KafkaSink(
         bootstrap="unused",
         client_id="unit",
-        linger_ms=0,
         compression="none",
         max_batch_bytes=16_384,
         request_timeout_ms=1000,

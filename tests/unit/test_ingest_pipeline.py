@@ -16,6 +16,8 @@ from cityops.ingest.metrics import IngestMetrics
 from cityops.ingest.mqtt_source import Inbound
 from cityops.ingest.pipeline import Pipeline
 from cityops.ingest.ratelimit import TokenBuckets
+from cityops.ingest.registry_cache import RegistryCache
+from cityops.ingest.registry_lookup import DeviceRow, MissResolver
 from cityops.ingest.validate import OutputTopics, Validator
 from tests.helpers import wait_for
 
@@ -268,4 +270,122 @@ async def test_a_sink_that_raises_is_retried_like_a_failed_delivery() -> None:
     await wait_for(lambda: source.acked == [1, 2], timeout=2)
     assert pipeline.stats.delivery_failures == 2
     assert await pipeline.close(within_s=1)
+    await runner
+
+
+# ---- registry misses: held for one lookup, decided in receive order ------------------------
+
+
+class Lookups:
+    """The lookup's database: `rows` it knows; `gate`, when set, holds each query until opened."""
+
+    def __init__(self, rows: Sequence[DeviceRow] = ()) -> None:
+        self.rows = {r.device_id: r for r in rows}
+        self.queries: list[list[str]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, device_ids: Sequence[str]) -> list[DeviceRow]:
+        self.queries.append(list(device_ids))
+        if self.gate is not None:
+            await self.gate.wait()
+        return [self.rows[d] for d in device_ids if d in self.rows]
+
+
+def make_with_lookup(
+    lookups: Lookups, *, max_ids: int = 100
+) -> tuple[Pipeline, FakeSink, FakeSource, RegistryCache]:
+    cache = RegistryCache()
+    cache.replace([DeviceRow("pk-0001", Kind.PARKING, True, NOW)])
+    metrics = IngestMetrics.create(CollectorRegistry())
+    validator = Validator(
+        registry=cache,
+        telemetry_limiter=TokenBuckets(rate_per_s=1000, burst=1000),
+        status_limiter=TokenBuckets(rate_per_s=1000, burst=1000),
+        ingest_id="unit",
+        topics=OutputTopics(telemetry="tel", status="st", deadletter="dl"),
+    )
+    resolver = MissResolver(
+        cache=cache, fetch=lookups, metrics=metrics, max_ids=max_ids, absent_ttl_s=60, timeout_s=1
+    )
+    sink = FakeSink()
+    source = FakeSource()
+    pipeline = Pipeline(
+        validator=validator,
+        sink=sink,
+        metrics=metrics,
+        ingest_id="unit",
+        max_in_flight=100,
+        resolver=resolver,
+        clock=lambda: NOW,
+    )
+    pipeline.bind(source)
+    return pipeline, sink, source, cache
+
+
+async def test_a_device_found_on_lookup_is_accepted_in_its_place() -> None:
+    lookups = Lookups([DeviceRow("pk-new", Kind.PARKING, True, NOW)])
+    pipeline, sink, source, cache = make_with_lookup(lookups)
+    runner = asyncio.create_task(pipeline.run())
+    pipeline.submit([inbound(1), inbound(2, "pk-new"), inbound(3), inbound(4, "pk-new")])
+    await wait_for(lambda: len(sink.sent) == 4, timeout=2)
+    assert lookups.queries == [["pk-new"]]  # one query for the turn, the id once
+    assert [s[0] for s in sink.sent] == ["tel"] * 4
+    assert [orjson.loads(s[2])["seq"] for s in sink.sent] == [1, 2, 3, 4]  # receive order
+    assert cache.kind_of("pk-new") is Kind.PARKING
+    for future in sink.futures:
+        future.set_result(None)
+    await wait_for(lambda: source.acked == [1, 2, 3, 4], timeout=2)
+    assert pipeline.stats.received == 4
+    assert pipeline.stats.accepted == 4
+    assert await pipeline.close(within_s=1)
+    await runner
+
+
+async def test_bogus_ids_cost_one_query_then_the_negative_cache_answers() -> None:
+    lookups = Lookups()
+    pipeline, sink, source, _ = make_with_lookup(lookups, max_ids=3)
+    runner = asyncio.create_task(pipeline.run())
+    bogus = [inbound(n, f"pk-bogus-{n % 5}") for n in range(1, 11)]  # 5 distinct ids
+    pipeline.submit(bogus)
+    await wait_for(lambda: len(sink.sent) == 10, timeout=2)
+    assert len(lookups.queries) == 1
+    assert len(lookups.queries[0]) == 3  # capped; the other two ids were decided at once
+    assert all(s[0] == "dl" and dict(s[3] or [])["reason"] == b"unknown_device" for s in sink.sent)
+    pipeline.submit([inbound(n, f"pk-bogus-{n % 5}") for n in range(11, 21)])
+    await wait_for(lambda: len(sink.sent) == 20, timeout=2)
+    # The three absent ids are remembered; only the two never looked up are asked about.
+    assert len(lookups.queries) == 2
+    assert sorted(lookups.queries[1]) == ["pk-bogus-0", "pk-bogus-4"]
+    pipeline.submit([inbound(n, f"pk-bogus-{n % 5}") for n in range(21, 31)])
+    await wait_for(lambda: len(sink.sent) == 30, timeout=2)
+    assert len(lookups.queries) == 2
+    for future in sink.futures:
+        future.set_result(None)
+    await wait_for(lambda: source.acked == list(range(1, 31)), timeout=2)
+    assert pipeline.stats.rejected == 30
+    assert pipeline.stats.reasons == {"unknown_device": 30}
+    assert await pipeline.close(within_s=1)
+    await runner
+
+
+async def test_messages_held_for_a_lookup_keep_close_waiting_and_later_ones_behind_them() -> None:
+    lookups = Lookups([DeviceRow("pk-new", Kind.PARKING, True, NOW)])
+    lookups.gate = asyncio.Event()
+    pipeline, sink, source, _ = make_with_lookup(lookups)
+    runner = asyncio.create_task(pipeline.run())
+    pipeline.submit([inbound(1), inbound(2, "pk-new")])
+    await wait_for(lambda: lookups.queries, timeout=2)
+    pipeline.submit([inbound(3)])  # arrives while the lookup is out
+    assert pipeline.in_flight == 3  # held messages still count against the window
+    closing = asyncio.create_task(pipeline.close(within_s=2))
+    await asyncio.sleep(0.05)
+    assert sink.sent == []  # nothing overtakes the held message
+    assert not closing.done()
+    lookups.gate.set()
+    await wait_for(lambda: len(sink.sent) == 3, timeout=2)
+    assert [orjson.loads(s[2])["seq"] for s in sink.sent] == [1, 2, 3]
+    for future in sink.futures:
+        future.set_result(None)
+    assert await closing
+    assert source.acked == [1, 2, 3]
     await runner
