@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -77,6 +78,15 @@ async def create_pool(settings: ApiSettings) -> asyncpg.Pool:
         reset=_keep_session,
     )
     return pool
+
+
+async def connect_city_metrics(settings: ApiSettings) -> asyncpg.Connection:
+    """The city gauges' dedicated connection: it holds the refresher lock (not a pool's)."""
+    conn: asyncpg.Connection = await asyncpg.connect(
+        settings.database_url.get_secret_value(),
+        server_settings={"timezone": "UTC", "application_name": "cityops-api-city-metrics"},
+    )
+    return conn
 
 
 async def start_producer(settings: ApiSettings, stop: asyncio.Event) -> AIOKafkaProducer:
@@ -259,9 +269,18 @@ async def running_service(
             server_header=False,
         )
         server = _Server(config)
-        # city-domain gauges (cityops_city_*), refreshed from PostgreSQL on a timer
+        # city-domain gauges (cityops_city_*), refreshed from PostgreSQL on a timer by the one
+        # replica that holds the refresher lock
         # keys' last_used_at: flushed on a timer, and once more after the server has stopped
-        async with run_city_metrics(pool, registry=registry), run_key_usage(pool, key_usage):
+        async with (
+            run_city_metrics(
+                functools.partial(connect_city_metrics, settings),
+                registry=registry,
+                interval_s=settings.city_metrics_interval_s,
+                timeout_s=settings.city_metrics_timeout_s,
+            ),
+            run_key_usage(pool, key_usage),
+        ):
             yield server, context
     finally:
         stop.set()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr
 
+from cityops.common.city_metrics import CityMetricsSettings
 from cityops.common.kinds import Kind
 from cityops.common.settings import DatabaseSettings, KafkaSettings
 
@@ -18,7 +19,7 @@ DEFAULT_RETENTION_DAYS: dict[Kind, int] = {
 }
 
 
-class ApiSettings(KafkaSettings, DatabaseSettings):
+class ApiSettings(KafkaSettings, DatabaseSettings, CityMetricsSettings):
     """Everything `cityops api` reads from `CITYOPS_*` environment variables."""
 
     api_host: str = "127.0.0.1"

@@ -8,12 +8,21 @@ a scrape only renders the cached snapshot, so its cost is independent of the scr
 how many Prometheus servers scrape. A snapshot older than `max_age_s` is no longer served (the
 series vanish rather than lie), and `cityops_city_refresh_timestamp_seconds` lets an alert see it.
 
-Wiring, in a service that already has a pool and a registry:
+One replica at a time is the refresher: the one whose dedicated connection holds the
+session-level advisory lock `REFRESHER_LOCK` (`pg_try_advisory_lock`, tried on every tick by
+the others). Only the refresher runs the query and exports the city gauges, so a sum over
+replicas is the city's value and the database runs the query once per interval, not once per
+replica. If the refresher dies or its connection breaks, PostgreSQL ends the session and
+releases the lock, and another replica takes over on its next tick; a replica whose connection
+closed stops exporting at once (the session, and with it the lock, is gone).
+`cityops_city_refresher` (1/0) says which replica it is.
+
+Wiring, in a service (`connect` opens the dedicated connection):
 
     async with run_city_metrics(
-        pool, registry=registry, interval_s=settings.city_metrics_interval_s
+        connect, registry=registry, interval_s=settings.city_metrics_interval_s
     ) as city_metrics:
-        ...  # serve; city_metrics.fresh() is a readiness check
+        ...  # serve
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -34,6 +43,13 @@ from pydantic import Field
 from cityops.common.settings import BaseServiceSettings
 
 log = logging.getLogger(__name__)
+
+# pg_try_advisory_lock key (session level): its holder is the replica that refreshes the gauges.
+REFRESHER_LOCK = 0x6369747900C1
+
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
+
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 class CityMetricsSettings(BaseServiceSettings):
@@ -192,6 +208,10 @@ class CityMetrics(Collector):
         self._clock = clock
         self._snapshot: CitySnapshot | None = None
         self._errors = 0
+        # the dedicated session holding REFRESHER_LOCK while this replica is the refresher
+        self._session: asyncpg.Connection | None = None
+        # this replica's dedicated connection, kept open whether or not it holds the lock
+        self._standby: asyncpg.Connection | None = None
 
     @property
     def snapshot(self) -> CitySnapshot | None:
@@ -203,6 +223,53 @@ class CityMetrics(Collector):
         return self._snapshot is not None and (
             self._clock() - self._snapshot.taken_at <= self.max_age_s
         )
+
+    def is_refresher(self) -> bool:
+        """Whether this replica holds the refresher lock (its session is still open)."""
+        return self._session is not None and not self._session.is_closed()
+
+    def lead(self, session: asyncpg.Connection) -> None:
+        """Become the refresher: `session` holds REFRESHER_LOCK."""
+        self._session = session
+
+    def resign(self) -> None:
+        """Stop being the refresher: forget the session and withhold the gauges at once."""
+        self._session = None
+        self._snapshot = None
+
+    async def tick(self, connect: Connect) -> None:
+        """One timer tick: (re)connect, try to become the refresher, refresh if it is.
+
+        Raises what connecting or the database raised; the caller counts and logs it.
+        """
+        session = self._session
+        if session is not None and session.is_closed():
+            log.warning("city metrics refresher session closed; no longer the refresher")
+            self.resign()
+            session = None
+        if session is None:
+            if self._standby is None or self._standby.is_closed():
+                self._standby = await asyncio.wait_for(connect(), timeout=self.timeout_s)
+            locked = await self._standby.fetchval(
+                "SELECT pg_try_advisory_lock($1)", REFRESHER_LOCK, timeout=self.timeout_s
+            )
+            if not locked:
+                return
+            session = self._standby
+            self.lead(session)
+            log.info("became the city metrics refresher")
+        await self.refresh(session)
+
+    async def close(self) -> None:
+        """Resign and close the dedicated connection (PostgreSQL releases the lock)."""
+        standby, self._standby = self._standby, None
+        self.resign()
+        if standby is not None and not standby.is_closed():
+            try:
+                await standby.close(timeout=self.timeout_s)
+            except _DB_ERRORS as exc:
+                log.warning("city metrics connection did not close cleanly: %s", exc)
+                standby.terminate()
 
     def store(self, rows: Sequence[CityRow], *, taken_at: float, duration_s: float) -> None:
         """Replace the snapshot."""
@@ -228,8 +295,8 @@ class CityMetrics(Collector):
         yield from self._meta_families()
 
     def collect(self) -> Iterable[Metric]:
-        """The cached snapshot as gauges (nothing of a stale one), plus refresh health."""
-        snapshot = self._snapshot if self.fresh() else None
+        """The refresher's fresh snapshot as gauges (else none), plus refresh health."""
+        snapshot = self._snapshot if self.is_refresher() and self.fresh() else None
         yield from domain_families(snapshot.rows if snapshot else ())
         yield from self._meta_families()
 
@@ -243,59 +310,77 @@ class CityMetrics(Collector):
             "How long the last successful refresh query took.",
         )
         errors = CounterMetricFamily(
-            "cityops_city_refresh_errors", "Refreshes of the city gauges that failed."
+            "cityops_city_refresh_errors",
+            "Ticks of the city gauges refresher that failed (connecting, locking or the query).",
         )
-        snapshot = self._snapshot
-        taken.add_metric([], snapshot.taken_at if snapshot else 0.0)
-        duration.add_metric([], snapshot.duration_s if snapshot else 0.0)
+        refresher = GaugeMetricFamily(
+            "cityops_city_refresher",
+            "1 if this replica is the one that refreshes and exports the city gauges, else 0.",
+        )
+        # only the refresher has a refresh time: max over replicas is the city gauges' age
+        if self.is_refresher():
+            snapshot = self._snapshot
+            taken.add_metric([], snapshot.taken_at if snapshot else 0.0)
+            duration.add_metric([], snapshot.duration_s if snapshot else 0.0)
         errors.add_metric([], float(self._errors))
-        return (taken, duration, errors)
+        refresher.add_metric([], 1.0 if self.is_refresher() else 0.0)
+        return (taken, duration, errors, refresher)
 
 
 async def refresh_forever(
-    metrics: CityMetrics, pool: asyncpg.Pool, *, stop: asyncio.Event | None = None
+    metrics: CityMetrics, connect: Connect, *, stop: asyncio.Event | None = None
 ) -> None:
-    """Refresh every `interval_s` until `stop` is set (or the task is cancelled)."""
+    """Tick every `interval_s` until `stop` is set (or the task is cancelled), then resign."""
     stop = stop or asyncio.Event()
-    while not stop.is_set():
-        try:
-            await metrics.refresh(pool)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            metrics.record_error()
-            log.warning("city metrics refresh failed: %s", exc, extra={"error": type(exc).__name__})
-        else:
-            snapshot = metrics.snapshot
-            log.debug(
-                "city metrics refreshed",
-                extra={
-                    "rows": len(snapshot.rows) if snapshot else 0,
-                    "duration_s": snapshot.duration_s if snapshot else 0,
-                },
-            )
-        # a timer, not a poll: wake at the next refresh time or as soon as stop is set
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=metrics.interval_s)
+    try:
+        while not stop.is_set():
+            try:
+                await metrics.tick(connect)
+            except _DB_ERRORS as exc:
+                metrics.record_error()
+                log.warning(
+                    "city metrics refresh failed: %s", exc, extra={"error": type(exc).__name__}
+                )
+            else:
+                snapshot = metrics.snapshot if metrics.is_refresher() else None
+                log.debug(
+                    "city metrics tick",
+                    extra={
+                        "refresher": metrics.is_refresher(),
+                        "rows": len(snapshot.rows) if snapshot else 0,
+                        "duration_s": snapshot.duration_s if snapshot else 0,
+                    },
+                )
+            # a timer, not a poll: wake at the next refresh time or as soon as stop is set
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=metrics.interval_s)
+    finally:
+        await metrics.close()
 
 
 @contextlib.asynccontextmanager
 async def run_city_metrics(
-    pool: asyncpg.Pool,
+    connect: Connect,
     *,
     registry: CollectorRegistry,
     interval_s: float = 15.0,
     timeout_s: float = 10.0,
 ) -> AsyncIterator[CityMetrics]:
-    """Register the collector in `registry` and refresh it in the background until exit."""
+    """Register the collector in `registry` and refresh it in the background until exit.
+
+    `connect` opens this replica's dedicated connection (not a pool's: it holds a
+    session-level lock for as long as the replica is the refresher).
+    """
     metrics = CityMetrics(interval_s=interval_s, timeout_s=timeout_s)
     registry.register(metrics)
     stop = asyncio.Event()
-    task = asyncio.create_task(refresh_forever(metrics, pool, stop=stop), name="city-metrics")
+    task = asyncio.create_task(refresh_forever(metrics, connect, stop=stop), name="city-metrics")
     try:
         yield metrics
     finally:
         stop.set()
         try:
-            await asyncio.wait_for(task, timeout=timeout_s + 1)
+            await asyncio.wait_for(task, timeout=2 * timeout_s + 1)
         except TimeoutError:
             log.warning("city metrics refresh did not stop in time; cancelled")
         registry.unregister(metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -165,7 +166,8 @@ async def test_background_refresh_serves_gauges_and_stops(database_url: str) -> 
         async with pool.acquire() as conn:
             await seed_city(conn)
         registry = CollectorRegistry()
-        async with run_city_metrics(pool, registry=registry, interval_s=1.0) as metrics:
+        connect = functools.partial(asyncpg.connect, database_url)
+        async with run_city_metrics(connect, registry=registry, interval_s=1.0) as metrics:
             await wait_for(metrics.fresh, timeout=10, message="first refresh")
             value = registry.get_sample_value("cityops_city_bins_full", {"district": "south"})
             assert value == 1

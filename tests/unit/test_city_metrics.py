@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import cast
 
+import asyncpg
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cityops.common.city_metrics import FAMILIES, CityMetrics, CityRow, domain_families
@@ -27,6 +29,22 @@ ROWS = [
         "tickets_overdue", 1, district="north", kind="manhole", priority="P1", department="drainage"
     ),
 ]
+
+
+class FakeSession:
+    """Stands in for the refresher's dedicated connection: only whether it is open matters."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+
+def _leading(metrics: CityMetrics) -> FakeSession:
+    session = FakeSession()
+    metrics.lead(cast("asyncpg.Connection", session))
+    return session
 
 
 class FakeClock:
@@ -80,8 +98,10 @@ def test_registry_serves_snapshot_and_refresh_health() -> None:
     metrics = CityMetrics(interval_s=15, timeout_s=5, clock=clock)
     registry = CollectorRegistry()
     registry.register(metrics)
+    _leading(metrics)
     before = _samples(registry)
     assert before[("cityops_city_refresh_timestamp_seconds", frozenset())] == 0
+    assert before[("cityops_city_refresher", frozenset())] == 1
     assert not metrics.fresh()
 
     metrics.store(ROWS, taken_at=clock.now, duration_s=0.02)
@@ -100,6 +120,7 @@ def test_a_stale_snapshot_is_withheld_but_its_age_stays_visible() -> None:
     metrics = CityMetrics(interval_s=10, timeout_s=5, clock=clock)
     registry = CollectorRegistry()
     registry.register(metrics)
+    _leading(metrics)
     metrics.store(ROWS, taken_at=clock.now, duration_s=0.01)
     clock.now += metrics.max_age_s + 1  # three refreshes missed
     assert not metrics.fresh()
@@ -110,9 +131,33 @@ def test_a_stale_snapshot_is_withheld_but_its_age_stays_visible() -> None:
 
 def test_exposition_has_no_device_id_label() -> None:
     metrics = CityMetrics()
+    _leading(metrics)
     metrics.store(ROWS, taken_at=time.time(), duration_s=0.0)
     registry = CollectorRegistry()
     registry.register(metrics)
     text = generate_latest(registry).decode()
     assert "cityops_city_tickets_open{" in text
     assert "device_id" not in text
+
+
+def test_only_the_refresher_exports_city_gauges_and_a_refresh_time() -> None:
+    metrics = CityMetrics()
+    registry = CollectorRegistry()
+    registry.register(metrics)
+    metrics.store(ROWS, taken_at=time.time(), duration_s=0.01)
+    standby = _samples(registry)
+    assert standby[("cityops_city_refresher", frozenset())] == 0
+    assert not any(name.startswith("cityops_city_lamps_out") for name, _ in standby)
+    # no refresh time either: max over replicas is the refresher's
+    assert ("cityops_city_refresh_timestamp_seconds", frozenset()) not in standby
+    assert standby[("cityops_city_refresh_errors_total", frozenset())] == 0
+
+    session = _leading(metrics)
+    leading = _samples(registry)
+    assert leading[("cityops_city_refresher", frozenset())] == 1
+    assert leading[("cityops_city_lamps_out", frozenset({("district", "north")}))] == 1
+
+    session.closed = True  # the lock went with the session: stop exporting at once
+    lost = _samples(registry)
+    assert lost[("cityops_city_refresher", frozenset())] == 0
+    assert not any(name.startswith("cityops_city_lamps_out") for name, _ in lost)
