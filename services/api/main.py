@@ -217,6 +217,7 @@ def build_projector(settings: ApiSettings, *, pool: asyncpg.Pool, metrics: ApiMe
         maintenance_interval_s=settings.api_maintenance_interval_s,
         client_id=f"cityops-api-{settings.instance_id}",
         write_lanes=settings.api_projector_write_lanes,
+        commit_interval_s=settings.api_projector_commit_interval_ms / 1000,
     )
 
 

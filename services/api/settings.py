@@ -45,6 +45,12 @@ class ApiSettings(KafkaSettings, DatabaseSettings, CityMetricsSettings):
         default=2, ge=1, le=16, description="Concurrent batch writers (disjoint partitions)."
     )
     api_projector_fetch_timeout_ms: int = Field(default=500, ge=10, le=60_000)
+    api_projector_commit_interval_ms: int = Field(
+        default=1000,
+        ge=10,
+        le=60_000,
+        description="How often written offsets are committed (a crash replays at most this).",
+    )
     api_partitions_ahead_days: int = Field(default=3, ge=1, le=60)
     api_maintenance_interval_s: float = Field(default=3600.0, gt=0, le=86_400)
     api_retention_streetlight_days: int = Field(
