@@ -123,12 +123,16 @@ class DevicesFollower:
         """Follow the topic until `stop`; broker errors are logged and retried with backoff."""
         delay = 0.5
         while not stop.is_set():
+            # Subscribed without a group: aiokafka assigns every partition of the topic (and
+            # new ones when the partition count grows); "earliest" only applies to partitions
+            # without a position, i.e. added later, whose records are all new.
             consumer = AIOKafkaConsumer(
+                self._topic,
                 bootstrap_servers=self._bootstrap,
                 client_id=self._client_id,
                 group_id=None,
                 enable_auto_commit=False,
-                auto_offset_reset="latest",
+                auto_offset_reset="earliest",
                 isolation_level="read_committed",
             )
             try:
@@ -159,13 +163,10 @@ class DevicesFollower:
                 delay = min(delay * 2, _MAX_BACKOFF_S)
 
     async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
-        """Assign every partition; resume where we were, else start at the end."""
-        await consumer.topics()  # metadata of every topic, so partitions_for_topic knows ours
-        partitions = consumer.partitions_for_topic(self._topic)
-        if not partitions:
+        """Position every assigned partition: where we were, else at the end; False if none."""
+        assigned = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+        if not assigned:
             return False
-        assigned = [TopicPartition(self._topic, p) for p in sorted(partitions)]
-        consumer.assign(assigned)
         fresh = [tp for tp in assigned if tp not in self._next]
         for tp in assigned:
             if tp in self._next:

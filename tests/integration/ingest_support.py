@@ -19,11 +19,12 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 from paho.mqtt.client import Client
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from cityops.api.publisher import device_document
 from cityops.common.kinds import Kind
 from cityops.common.registry import Device, upsert_devices
 from cityops.ingest.main import run
@@ -68,6 +69,10 @@ class IngestCase:
     def deadletter(self) -> str:
         return self.topics["city.deadletter.v1"]
 
+    @property
+    def devices(self) -> str:
+        return self.topics["city.devices.v1"]
+
     def device(self, name: str) -> str:
         """A device id unique to this test."""
         return f"{name}-{self.tag}"
@@ -94,6 +99,32 @@ class IngestCase:
         finally:
             await conn.close()
 
+    async def publish_devices(self, device_ids: Iterable[str]) -> None:
+        """Publish the current registry rows on the devices topic, as the API does after commit."""
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            rows = await conn.fetch(
+                """
+                SELECT device_id, kind, district, zone, lat, lon, reporting_interval_s,
+                       metadata::text AS metadata, enabled, updated_at
+                FROM devices WHERE device_id = ANY($1::text[])
+                """,
+                list(device_ids),
+            )
+        finally:
+            await conn.close()
+        producer = AIOKafkaProducer(bootstrap_servers=self.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for row in rows:
+                await producer.send_and_wait(
+                    self.devices,
+                    key=row["device_id"].encode(),
+                    value=orjson.dumps(device_document(row)),
+                )
+        finally:
+            await producer.stop()
+
 
 async def make_case(
     *,
@@ -107,6 +138,9 @@ async def make_case(
     topics = await kafka_topics(
         "city.telemetry.v1", "city.status.v1", "city.deadletter.v1", partitions=partitions
     )
+    topics |= await kafka_topics(
+        "city.devices.v1", partitions=partitions, configs={"cleanup.policy": "compact"}
+    )
     env = {
         "CITYOPS_KAFKA_BOOTSTRAP": stack_env["CITYOPS_KAFKA_BOOTSTRAP"],
         "CITYOPS_MQTT_URL": stack_env["CITYOPS_MQTT_URL"],
@@ -117,6 +151,7 @@ async def make_case(
         "CITYOPS_TOPIC_TELEMETRY": topics["city.telemetry.v1"],
         "CITYOPS_TOPIC_STATUS": topics["city.status.v1"],
         "CITYOPS_TOPIC_DEADLETTER": topics["city.deadletter.v1"],
+        "CITYOPS_TOPIC_DEVICES": topics["city.devices.v1"],
         "CITYOPS_METRICS_HOST": "127.0.0.1",
         "CITYOPS_LOG_FORMAT": "json",
         "CITYOPS_INGEST_REGISTRY_REFRESH_S": "0.5",
@@ -161,15 +196,17 @@ async def wait_ready(port: int, *, within_s: float = 30) -> None:
     await wait_for(ready, timeout=within_s, interval=0.1, message=f"ingest on :{port} ready")
 
 
-def metric_value(port: int, name: str) -> float:
-    """Sum of a metric's samples from /metrics."""
+def metric_value(port: int, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """Sum of a metric's samples from /metrics (only those carrying `labels`, when given)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
         text = resp.read().decode()
+    wanted = [f'{key}="{value}"' for key, value in (labels or {}).items()]
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
             head, value = line.rsplit(" ", 1)
-            if head == name or head.startswith(name + "{"):
+            named = head == name or head.startswith(name + "{")
+            if named and all(label in head for label in wanted):
                 total += float(value)
     return total
 
