@@ -251,6 +251,7 @@ async def running_service(
     projector = None
     # the outbox relay: publishes committed events, sweeps what failures and crashes left
     relay_task = asyncio.create_task(context.publisher.run(stop), name="outbox-relay")
+    relay_task.add_done_callback(_report_relay_end)
     try:
         async with pool.acquire() as conn:
             states = await store_devices.credential_states(conn)
@@ -299,6 +300,12 @@ async def running_service(
         await pool.close()
 
 
+def _report_relay_end(task: asyncio.Task[None]) -> None:
+    """Say so at once if the relay loop died: events would wait until a restart."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("outbox relay stopped: %r", task.exception())
+
+
 async def _stop_relay(context: ApiContext, task: asyncio.Task[None], *, timeout_s: float) -> None:
     """Wait for the relay loop, then publish what the last requests committed (bounded)."""
     try:
@@ -306,6 +313,9 @@ async def _stop_relay(context: ApiContext, task: asyncio.Task[None], *, timeout_
         await asyncio.wait_for(context.publisher.final_relay(), timeout_s)
     except TimeoutError:
         log.warning("outbox relay did not finish in time; the outbox keeps the events")
+    except Exception:
+        # a bug in the relay must not skip the rest of the shutdown; the outbox keeps the events
+        log.exception("outbox relay failed")
 
 
 def freeze_startup_heap() -> int:
