@@ -1,8 +1,11 @@
 """The rules worker: consume readings and status, evaluate, write tickets, commit, publish.
 
 One task drives everything: `getmany` waits for records or the next deadline, a batch is
-evaluated in memory, its effects are written in one PostgreSQL transaction, then the Kafka
-offsets are committed, then the ticket events are produced (from the outbox). A rebalance
+evaluated in memory, its effects are written in one PostgreSQL transaction, then the ticket
+events are produced (from the outbox). The Kafka offsets of written batches are committed at
+most once per commit interval (and at a revocation or a clean stop): the committed offset is
+never ahead of the database, so a crash replays at most an interval of records, which decide
+nothing again (below). A rebalance
 waits for the batch in flight (a lock), state is persisted for revoked partitions and
 loaded for assigned ones. A database failure rolls the replica back to the database: state
 is reloaded and the consumer rewinds to its committed offsets.
@@ -162,6 +165,9 @@ class RulesWorker:
         self._lagging: set[int] = set()
         self._deferred: dict[int, list[TimerKey]] = defaultdict(list)
         self._generation = 0
+        # Offsets of batches already in the database, not yet committed to Kafka.
+        self._uncommitted: dict[TopicPartition, OffsetAndMetadata] = {}
+        self._committed_at = time.monotonic()
         self._joined = False
         self._db_ok = False
         self._kafka_ok = False
@@ -215,6 +221,11 @@ class RulesWorker:
                         await self._rewind()
                         continue
                     await self._batch(batch)
+                    if (
+                        time.monotonic() - self._committed_at
+                        >= self._settings.rules_commit_interval_ms / 1000
+                    ):
+                        await self._commit_offsets()
                 backoff = 0.1
             except (*_DB_ERRORS, store.StateConflictError, KafkaError) as exc:
                 if isinstance(exc, store.StateConflictError):
@@ -234,6 +245,7 @@ class RulesWorker:
         """Settle published events; persist liveness of held devices (exact offline restarts)."""
         await self._publisher.flush()
         async with self._lock:
+            await self._commit_offsets()
             try:
                 await self._flush_seen(list(self._states.values()))
             except (*_DB_ERRORS, store.StateConflictError) as exc:
@@ -244,6 +256,7 @@ class RulesWorker:
     async def on_revoked(self, revoked: Collection[TopicPartition]) -> None:
         """Finish the batch in flight (the lock), persist liveness of the revoked devices."""
         async with self._lock:
+            await self._commit_offsets()  # the next owner starts where this one wrote
             partitions = {tp.partition for tp in revoked}
             held = [s for s in self._states.values() if s.partition in partitions]
             try:
@@ -344,6 +357,7 @@ class RulesWorker:
     async def _rewind(self) -> None:
         # Not seek_to_committed(): it leaves a partition with no committed offset where it
         # is, which would skip the records of the batch that was just rolled back.
+        self._uncommitted.clear()  # re-read from the committed offsets: set again as written
         for tp in self._consumer.assignment():
             if tp.topic not in self._topics:
                 continue
@@ -606,14 +620,7 @@ class RulesWorker:
                 housekeeping.append(key)
             else:
                 self._timers.schedule(key, deadline)
-        if offsets:
-            try:
-                await self._consumer.commit(dict(offsets))
-            except KafkaError as exc:  # CommitFailedError after a rebalance, or a broker error
-                # The database already holds this batch; whoever reads it next replays it
-                # harmlessly (seq guards, fenced state).
-                self._metrics.errors.labels("kafka").inc()
-                log.warning("offset commit failed: %s", exc)
+        self._uncommitted.update(offsets)  # committed by _commit_offsets, after this write
         if events:
             try:
                 await self._publisher.publish_soon(outbox_events(events))
@@ -622,6 +629,24 @@ class RulesWorker:
                 log.warning("ticket events stay in the outbox for the next sweep: %s", exc)
         for key in housekeeping:
             await self._housekeeping(key)
+
+    async def _commit_offsets(self) -> None:
+        """Commit the offsets of the batches written so far (partitions still assigned)."""
+        self._committed_at = time.monotonic()
+        assigned = self._consumer.assignment()
+        offsets = {tp: o for tp, o in self._uncommitted.items() if tp in assigned}
+        self._uncommitted.clear()
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except KafkaError as exc:  # CommitFailedError after a rebalance, or a broker error
+            # The database already holds these batches; whoever reads them next replays them
+            # harmlessly (seq guards, fenced state).
+            self._metrics.errors.labels("kafka").inc()
+            log.warning("offset commit failed: %s", exc)
+            for tp, offset in offsets.items():
+                self._uncommitted.setdefault(tp, offset)  # retried unless a newer one is due
 
     def _learn(self, step: engine.Step, changes: Sequence[store.Change]) -> None:
         """Update the open-ticket view from what the database did."""

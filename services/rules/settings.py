@@ -28,6 +28,12 @@ class RulesSettings(KafkaSettings, DatabaseSettings, MetricsSettings):
     rules_gauge_refresh_s: float = Field(default=15.0, gt=0, le=3600)
     rules_outbox_sweep_s: float = Field(default=30.0, gt=0, le=3600)
     rules_session_timeout_ms: int = Field(default=30_000, ge=1000, le=300_000)
+    rules_commit_interval_ms: int = Field(
+        default=1000,
+        ge=0,
+        le=60_000,
+        description="Offsets are committed at most this often (0: after every batch).",
+    )
 
     @field_validator("city_tz")
     @classmethod

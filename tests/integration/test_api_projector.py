@@ -188,9 +188,10 @@ async def test_one_statement_writes_a_batch_and_a_replay_changes_nothing(
     conn = await asyncpg.connect(database_url)
     try:
         assert await write_batch(conn, fold(events)) == (2, 4)
-        states = dict(await conn.fetch("SELECT device_id, seq FROM device_state"))
+        states = {r["device_id"]: r["seq"] for r in await conn.fetch("SELECT * FROM device_state")}
         assert states == {a: 5, b: 1}
-        online = dict(await conn.fetch("SELECT device_id, online FROM device_connectivity"))
+        rows = await conn.fetch("SELECT device_id, online FROM device_connectivity")
+        online = {r["device_id"]: r["online"] for r in rows}
         assert online == {a: True, b: False}
         # The same batch again (a crash before the offset commit): nothing moves.
         assert await write_batch(conn, fold(events)) == (0, 0)
