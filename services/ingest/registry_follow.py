@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 256 * 1024  # a device document is well under 1 KiB plus its metadata
 _FETCH_WAIT_MS = 5_000
 _MAX_BACKOFF_S = 15.0
+_START_TIMEOUT_S = 30.0
 
 
 class _DeviceDocument(BaseModel):
@@ -136,8 +137,12 @@ class DevicesFollower:
                 isolation_level="read_committed",
             )
             try:
-                await consumer.start()
-                if await self._assign(consumer):
+                # A subscribed consumer's start() waits for a missing topic to be auto-created,
+                # logging an error each retry: ask whether it exists first, and bound start().
+                if await self._topic_exists():
+                    async with asyncio.timeout(_START_TIMEOUT_S):
+                        await consumer.start()
+                if consumer.assignment() and await self._assign(consumer):
                     delay = 0.5
                     await self._consume(consumer, stop)
                 else:
@@ -145,7 +150,7 @@ class DevicesFollower:
                         "devices topic not found; following it when it appears",
                         extra={"topic": self._topic, "retry_in_s": delay},
                     )
-            except KafkaError as exc:
+            except (KafkaError, OSError, TimeoutError) as exc:
                 log.warning(
                     "devices topic follower failed: %s",
                     exc,
@@ -161,6 +166,16 @@ class DevicesFollower:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             except TimeoutError:
                 delay = min(delay * 2, _MAX_BACKOFF_S)
+
+    async def _topic_exists(self) -> bool:
+        """Whether the broker lists the devices topic (one metadata request)."""
+        probe = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, client_id=self._client_id)
+        try:
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                await probe.start()
+                return self._topic in await probe.topics()
+        finally:
+            await probe.stop()
 
     async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
         """Position every assigned partition: where we were, else at the end; False if none."""

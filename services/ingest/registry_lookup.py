@@ -32,8 +32,6 @@ from cityops.ingest.registry_cache import RegistryCache
 
 log = logging.getLogger(__name__)
 
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError)
-
 
 @dataclass(frozen=True, slots=True)
 class DeviceRow:
@@ -154,7 +152,7 @@ class MissResolver:
         try:
             async with asyncio.timeout(self._timeout_s):
                 rows = await self._fetch(device_ids)
-        except _DB_ERRORS as exc:
+        except Exception as exc:  # any failure: dead-letter as before, never stop the loop
             self._paused_until = self._clock() + self._absent_ttl_s
             metrics.registry_lookups.labels("error").inc()
             log.warning(

@@ -2,6 +2,11 @@
 
 Every test runs ingest with a 60 s registry refresh and starts it before the devices in question
 exist, so the periodic refresh cannot explain any acceptance that happens within seconds.
+
+Ingest subscribes to all of `city/+/+/...` on the shared broker, so other engineers' traffic may
+reach it during a test (their ids are unknown to this test's fresh database: never `found`).
+Assertions on shared counters are therefore exact for what only this test can cause (`found`
+lookups, the test's own devices topic) and bounded by the foreign message count otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncpg
 import orjson
 import pytest
 import pytest_asyncio
+from aiokafka.structs import ConsumerRecord
 
 from cityops.common.kinds import Kind
 from tests.helpers import wait_for
@@ -103,7 +109,11 @@ async def test_a_device_only_in_postgresql_is_accepted_on_the_miss_lookup(
     quiet = case.device("pk-quiet")
     env = case.replica_env(0, **SLOW_REFRESH)
     port = int(env["CITYOPS_METRICS_PORT"])
-    async with ingest_in_process(env), TopicReader(case.kafka_bootstrap, case.telemetry) as tel:
+    async with (
+        ingest_in_process(env),
+        TopicReader(case.kafka_bootstrap, case.telemetry) as tel,
+        TopicReader(case.kafka_bootstrap, case.deadletter) as dead,
+    ):
         await case.seed({quiet: Kind.PARKING})  # no devices-topic event for this one
         await publish(case, [telemetry(quiet, 1), telemetry(quiet, 2)])
         records = await tel.until(
@@ -113,10 +123,12 @@ async def test_a_device_only_in_postgresql_is_accepted_on_the_miss_lookup(
         )
         seqs = [orjson.loads(r.value)["seq"] for r in records if r.key == quiet.encode()]
         assert seqs == [1, 2]  # one partition per device: receive order kept
-        assert await metric(port, "cityops_ingest_registry_lookup_devices_total", result="found")
+        found = await metric(port, "cityops_ingest_registry_lookup_devices_total", result="found")
+        assert found == 1
         assert await metric(port, "cityops_ingest_registry_lookups_total", outcome="ok") >= 1
         assert await metric(port, "cityops_ingest_registry_topic_records_total") == 0
-        assert await metric(port, "cityops_ingest_rejected_messages_total") == 0
+        await dead.poll()
+        assert [r for r in dead.records if r.key == quiet.encode()] == []
 
 
 async def test_a_device_disabled_on_the_devices_topic_is_refused(case: IngestCase) -> None:
@@ -160,32 +172,46 @@ async def test_a_device_disabled_on_the_devices_topic_is_refused(case: IngestCas
         assert orjson.loads(refused[0].value)["seq"] == 2
         await tel.poll()
         assert [orjson.loads(r.value)["seq"] for r in tel.records if r.key == lamp.encode()] == [1]
-        # Known and disabled: the cache's answer stands, PostgreSQL is not asked.
-        assert await metric(port, "cityops_ingest_registry_lookups_total") == 0
+        # Known and disabled: the cache's answer stands, PostgreSQL is not asked (had it been,
+        # the row would have been found: foreign ids never are).
+        found = await metric(port, "cityops_ingest_registry_lookup_devices_total", result="found")
+        assert found == 0
 
 
 async def test_bogus_ids_are_dead_lettered_with_one_lookup_per_id(case: IngestCase) -> None:
     ids = [case.device(f"pk-bogus{n}") for n in range(20)]
     env = case.replica_env(0, **SLOW_REFRESH)
     port = int(env["CITYOPS_METRICS_PORT"])
+    keys = {device_id.encode() for device_id in ids}
+
+    def ours(records: list[ConsumerRecord[bytes, bytes]]) -> list[ConsumerRecord[bytes, bytes]]:
+        return [r for r in records if r.key in keys]
+
     first = [telemetry(device_id, 0) for device_id in ids]
     again = [telemetry(device_id, seq) for seq in range(1, 10) for device_id in ids]
     async with ingest_in_process(env), TopicReader(case.kafka_bootstrap, case.deadletter) as dead:
         await publish(case, first)
         await dead.until(
-            lambda rs: len(rs) >= len(first), within_s=30, message="first round dead-lettered"
+            lambda rs: len(ours(rs)) >= len(first), within_s=30, message="first round refused"
         )
         await publish(case, again)
         records = await dead.until(
-            lambda rs: len(rs) >= len(first) + len(again),
+            lambda rs: len(ours(rs)) >= len(first) + len(again),
             within_s=30,
             message="every bogus reading dead-lettered",
         )
-        assert len(records) == len(first) + len(again)
-        assert {headers_of(r)["reason"] for r in records} == {b"unknown_device"}
+        mine = ours(records)
+        assert len(mine) == len(first) + len(again)
+        assert {headers_of(r)["reason"] for r in mine} == {b"unknown_device"}
+        received = await metric(port, "cityops_ingest_received_messages_total")
+        foreign = received - len(first) - len(again)
         absent = await metric(port, "cityops_ingest_registry_lookup_devices_total", result="absent")
         queries = await metric(port, "cityops_ingest_registry_lookups_total")
         hits = await metric(port, "cityops_ingest_registry_negative_cache_hits_total")
-        assert absent == len(ids)  # each id asked about exactly once in the interval
-        assert 1 <= queries <= len(ids)
-        assert hits == len(again)  # every later reading answered without a query
+        found = await metric(port, "cityops_ingest_registry_lookup_devices_total", result="found")
+        assert found == 0
+        # Each of our ids asked about exactly once in the interval (foreign ids at most once
+        # per message); every later reading of ours answered from the negative cache.
+        assert len(ids) <= absent <= len(ids) + foreign
+        assert 1 <= queries <= len(ids) + foreign
+        assert hits >= len(again)
