@@ -47,6 +47,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from cityops.bench.stats import percentile
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
+from cityops.common.mqtt_sessions import purge_session
 from cityops.common.registry import Device, upsert_devices
 from cityops.simulator.behaviours import format_ts
 from cityops.simulator.city import DEFAULT_PLACE, PLACES, build_city
@@ -645,6 +646,17 @@ async def run_e2e_bench(  # noqa: PLR0915 - one setup/measure/teardown script re
             await publisher.close(timeout=2.0)
         for service in reversed(services):
             await _stop(service)
+        if services:
+            # ingest's session would queue every later publish at the broker for days
+            mqtt = urlsplit(env["CITYOPS_MQTT_URL"])
+            await asyncio.to_thread(
+                purge_session,
+                host=mqtt.hostname or "127.0.0.1",
+                port=mqtt.port or 1883,
+                username=env["CITYOPS_INGEST_MQTT_USERNAME"],
+                password=env["CITYOPS_INGEST_MQTT_PASSWORD"],
+                client_id=service_env["ingest"]["CITYOPS_INGEST_CLIENT_ID"],
+            )
         await http.aclose()
         await consumer.stop()
         with contextlib.suppress(Exception):
