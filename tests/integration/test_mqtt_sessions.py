@@ -45,7 +45,7 @@ class _Subscriber:
         self.connected.set()
 
     def _on_message(self, _c: Client, _u: object, message: MQTTMessage) -> None:
-        self.received.append(message.payload)
+        self.received.append(bytes(message.payload))
 
     def close(self) -> None:
         self.client.disconnect()
