@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # pg_try_advisory_lock key for partition maintenance: one replica at a time does it.
 _MAINTENANCE_LOCK = 0x6369747900A1
 _RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+# Below this many records a batch is written in one lane.
+_LANE_MIN_RECORDS = 500
 
 
 def decode_records(
@@ -200,9 +202,12 @@ class Projector:
         # connections: a device's records all live in one partition (key = device_id), so
         # lanes never touch the same rows, and PostgreSQL works on one lane while Python
         # decodes the next.
-        lanes: list[list[ConsumerRecord[bytes, bytes]]] = [[] for _ in range(self._lanes)]
+        # A small batch (the steady state: tens of records) goes in one statement: a second
+        # lane would only add a round trip and a WAL flush.
+        count = 1 if len(records) < _LANE_MIN_RECORDS else self._lanes
+        lanes: list[list[ConsumerRecord[bytes, bytes]]] = [[] for _ in range(count)]
         for tp, batch_records in fetched.items():
-            lanes[tp.partition % self._lanes].extend(batch_records)
+            lanes[tp.partition % count].extend(batch_records)
         results = await asyncio.gather(*(self._write_lane(lane, stop) for lane in lanes if lane))
         moved = sum(result[0] for result in results)
         inserted = sum(result[1] for result in results)

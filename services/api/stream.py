@@ -67,6 +67,29 @@ class StreamFilter:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Interest:
+    """What any of the connected clients could want (None = anything), to skip records early."""
+
+    types: frozenset[str] | None
+    districts: frozenset[str] | None
+
+    @classmethod
+    def of(cls, filters: Collection[StreamFilter]) -> Interest:
+        """The union of the clients' filters."""
+        types: set[str] = set()
+        districts: set[str] = set()
+        any_type = any_district = not filters
+        for f in filters:
+            any_type = any_type or not f.types
+            any_district = any_district or not f.districts
+            types |= f.types
+            districts |= f.districts
+        return cls(
+            None if any_type else frozenset(types), None if any_district else frozenset(districts)
+        )
+
+
 @dataclass(slots=True, eq=False)  # identity semantics: kept in sets
 class Subscription:
     """One connected client: its filter and a bounded queue (None = end of stream)."""
@@ -86,6 +109,25 @@ class EventDecoder:
     devices_topic: str
     districts: dict[str, str] = field(default_factory=dict)
     newest_seq: dict[str, int] = field(default_factory=dict)
+
+    def wanted(self, record: ConsumerRecord[bytes, bytes], interest: Interest) -> bool:
+        """Whether a state/connectivity record can interest anyone, judged by topic and key only.
+
+        Decoding every reading of the city for a client that follows one district was most of
+        the stream's cost; the key (device_id) gives the district without parsing the value.
+        """
+        if record.topic == self.telemetry_topic:
+            event_type = "state"
+        elif record.topic == self.status_topic:
+            event_type = "connectivity"
+        else:
+            return True  # tickets carry their district in the value; devices feed the map
+        if interest.types is not None and event_type not in interest.types:
+            return False
+        if interest.districts is None or record.key is None:
+            return True
+        district = self.districts.get(record.key.decode(errors="replace"), "unassigned")
+        return district in interest.districts
 
     def decode(self, record: ConsumerRecord[bytes, bytes]) -> StreamEvent | None:
         """The stream event of a record, or None (not a change, or a registry update)."""
@@ -259,11 +301,17 @@ class Broadcaster:
                 log.warning("stream consumer fetch failed: %s", exc)
                 await asyncio.sleep(1.0)
                 continue
+            if not fetched:
+                continue
+            clients = targets()
+            interest = Interest.of([c.filter for c in clients])
             for records in fetched.values():
                 for record in records:
+                    if not decoder.wanted(record, interest):
+                        continue
                     event = decoder.decode(record)
                     if event is not None:
-                        self._deliver(targets(), event)
+                        self._deliver(clients, event)
 
     async def _run_shared(self) -> None:
         await self._load_districts()

@@ -7,12 +7,14 @@ from typing import Any
 import orjson
 from aiokafka import ConsumerRecord
 
-from cityops.api.stream import EventDecoder, StreamEvent, StreamFilter
+from cityops.api.stream import EventDecoder, Interest, StreamEvent, StreamFilter
 
 
-def rec(topic: str, body: Any, timestamp: int = 1000) -> ConsumerRecord[bytes, bytes]:
+def rec(
+    topic: str, body: Any, timestamp: int = 1000, key: bytes | None = None
+) -> ConsumerRecord[bytes, bytes]:
     value = orjson.dumps(body)
-    return ConsumerRecord(topic, 0, 1, timestamp, 0, None, value, None, 0, len(value), [])
+    return ConsumerRecord(topic, 0, 1, timestamp, 0, key, value, None, 0, len(value), [])
 
 
 def decoder() -> EventDecoder:
@@ -69,3 +71,30 @@ def test_filters() -> None:
     assert not StreamFilter(kinds=frozenset({"parking"})).matches(event)
     assert not StreamFilter(districts=frozenset({"south"})).matches(event)
     assert not StreamFilter(types=frozenset({"ticket"})).matches(event)
+
+
+def test_interest_is_the_union_of_the_filters() -> None:
+    one = StreamFilter(districts=frozenset({"north"}), types=frozenset({"state"}))
+    two = StreamFilter(districts=frozenset({"south"}), types=frozenset({"ticket"}))
+    assert Interest.of([one, two]) == Interest(
+        frozenset({"state", "ticket"}), frozenset({"north", "south"})
+    )
+    # one client without a district filter wants every district
+    assert Interest.of([one, StreamFilter(types=frozenset({"state"}))]).districts is None
+    assert Interest.of([]) == Interest(None, None)
+
+
+def test_records_nobody_wants_are_skipped_by_key_before_decoding() -> None:
+    d = decoder()
+    d.decode(rec("d", {"device_id": "wb-1", "district": "north"}))
+    d.decode(rec("d", {"device_id": "wb-2", "district": "south"}))
+    interest = Interest.of(
+        [StreamFilter(districts=frozenset({"north"}), types=frozenset({"state"}))]
+    )
+    assert d.wanted(rec("t", reading(1), key=b"wb-1"), interest)
+    assert not d.wanted(rec("t", reading(1), key=b"wb-2"), interest)
+    assert not d.wanted(rec("t", reading(1), key=b"wb-unknown"), interest)  # "unassigned"
+    assert not d.wanted(rec("s", {"device_id": "wb-1"}, key=b"wb-1"), interest)  # not a type
+    assert d.wanted(rec("k", {"district": "south"}, key=b"wb-2"), interest)  # tickets: by value
+    assert d.wanted(rec("d", {"device_id": "wb-3"}, key=b"wb-3"), interest)  # registry: always
+    assert d.wanted(rec("t", reading(1), key=b"wb-2"), Interest(None, None))
