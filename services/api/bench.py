@@ -40,6 +40,7 @@ from cityops.api.metrics import create_metrics
 from cityops.api.projector import Projector
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
+from cityops.common.scratch import drop_database
 
 KINDS = ("streetlight", "manhole", "wastebin", "parking")
 DISTRICTS = 20
@@ -99,7 +100,7 @@ async def _database(base_url: str, name: str) -> AsyncIterator[str]:
                 await conn.close()
             yield url
         finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await drop_database(admin, name)
     finally:
         await admin.close()
 

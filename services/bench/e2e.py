@@ -49,6 +49,7 @@ from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.mqtt_sessions import purge_session
 from cityops.common.registry import Device, upsert_devices
+from cityops.common.scratch import drop_database
 from cityops.simulator.behaviours import format_ts
 from cityops.simulator.city import DEFAULT_PLACE, PLACES, build_city
 from cityops.simulator.provision import provision_direct
@@ -662,6 +663,6 @@ async def run_e2e_bench(  # noqa: PLR0915 - one setup/measure/teardown script re
         with contextlib.suppress(Exception):
             await admin_kafka.delete_topics(list(topics.values()))
         await admin_kafka.close()
-        await admin_db.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        await drop_database(admin_db, db_name)
         await admin_db.close()
         log.info("e2e logs kept in %s", logs)

@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.registry import Device, upsert_devices
+from cityops.common.scratch import drop_database
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -329,7 +330,7 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
         with contextlib.suppress(Exception):
             await admin_kafka.delete_topics(list(topics.values()))
         await admin_kafka.close()
-        await admin_db.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        await drop_database(admin_db, db_name)
         await admin_db.close()
     return results
 

@@ -32,6 +32,7 @@ from aiokafka.structs import TopicPartition
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.registry import Device, upsert_devices
+from cityops.common.scratch import drop_database
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _KINDS = (Kind.WASTEBIN, Kind.STREETLIGHT, Kind.MANHOLE, Kind.PARKING)
@@ -264,7 +265,7 @@ async def _phase(
         return result
     finally:
         await admin_kafka.delete_topics(list(topics.values()))
-        await admin_db.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        await drop_database(admin_db, db_name)
 
 
 async def run_rules_bench(

@@ -31,6 +31,7 @@ import pytest_asyncio
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from cityops.common import mqtt_auth
+from cityops.common.scratch import drop_database, quote_ident
 from cityops.stack.credentials import parse_env_file
 from cityops.stack.layout import StackPaths, repo_root
 from cityops.stack.probes import mqtt_connect_reason
@@ -133,10 +134,6 @@ def _with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 @pytest_asyncio.fixture(scope="session")
 async def database_template(stack_env: Mapping[str, str]) -> str:
     """Name of a database with every migration applied, to clone per test.
@@ -159,14 +156,14 @@ async def database_template(stack_env: Mapping[str, str]) -> str:
             exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", template)
             if not exists:
                 building = f"{TEMPLATE_PREFIX}_build_{uuid.uuid4().hex[:12]}"
-                await conn.execute(f"CREATE DATABASE {_quote_ident(building)}")
+                await conn.execute(f"CREATE DATABASE {quote_ident(building)}")
                 build_conn = await asyncpg.connect(_with_database(base_url, building))
                 try:
                     await apply_migrations(build_conn)
                 finally:
                     await build_conn.close()
                 await conn.execute(
-                    f"ALTER DATABASE {_quote_ident(building)} RENAME TO {_quote_ident(template)}"
+                    f"ALTER DATABASE {quote_ident(building)} RENAME TO {quote_ident(template)}"
                 )
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _TEMPLATE_LOCK_KEY)
@@ -183,13 +180,13 @@ async def database_url(stack_env: Mapping[str, str], database_template: str) -> 
     admin = await asyncpg.connect(base_url)
     try:
         await admin.execute(
-            f"CREATE DATABASE {_quote_ident(name)} TEMPLATE {_quote_ident(database_template)}"
+            f"CREATE DATABASE {quote_ident(name)} TEMPLATE {quote_ident(database_template)}"
         )
         try:
             yield _with_database(base_url, name)
         finally:
             # FORCE: a test that leaked a connection or pool must not leak the database too
-            await admin.execute(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
+            await drop_database(admin, name)
     finally:
         await admin.close()
 
