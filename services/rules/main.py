@@ -90,6 +90,9 @@ async def run(
         max_poll_records=settings.rules_batch_max,
         fetch_max_bytes=settings.rules_fetch_max_bytes,
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        # Let the broker gather records for a moment: fewer, larger batches (see docs/rules.md).
+        fetch_min_bytes=settings.rules_fetch_min_bytes,
+        fetch_max_wait_ms=settings.rules_fetch_max_wait_ms,
         session_timeout_ms=settings.rules_session_timeout_ms,
         heartbeat_interval_ms=max(settings.rules_session_timeout_ms // 10, 100),
     )

@@ -24,6 +24,13 @@ class RulesSettings(KafkaSettings, DatabaseSettings, MetricsSettings):
     city_tz: str = "Europe/Amsterdam"
     rules_batch_max: int = Field(default=5000, ge=1, le=100_000, description="records per batch")
     rules_fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    rules_fetch_min_bytes: int = Field(
+        default=256 * 1024,
+        ge=1,
+        le=64 * 1024 * 1024,
+        description="The broker answers a fetch once this much is ready, or after the max wait.",
+    )
+    rules_fetch_max_wait_ms: int = Field(default=20, ge=0, le=10_000)
     rules_registry_refresh_s: float = Field(default=30.0, gt=0, le=3600)
     rules_gauge_refresh_s: float = Field(default=15.0, gt=0, le=3600)
     rules_outbox_sweep_s: float = Field(default=30.0, gt=0, le=3600)
