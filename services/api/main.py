@@ -195,6 +195,7 @@ def build_context(
             pool=pool,
             metrics=metrics,
             queue_max=settings.api_stream_queue_max,
+            fetch_max_wait_ms=settings.api_stream_fetch_max_wait_ms,
         ),
         readiness=Readiness(pool=pool, producer=producer),
         summaries=TtlCache(ttl_s=settings.api_summary_cache_s),

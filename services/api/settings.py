@@ -96,6 +96,12 @@ class ApiSettings(KafkaSettings, DatabaseSettings, CityMetricsSettings):
     api_import_max_rows: int = Field(default=100_000, ge=1, le=1_000_000)
     api_stream_queue_max: int = Field(default=1000, ge=10, le=100_000)
     api_stream_heartbeat_s: float = Field(default=15.0, gt=0, le=300)
+    api_stream_fetch_max_wait_ms: int = Field(
+        default=25,
+        ge=0,
+        le=5000,
+        description="How long the stream consumer lets the broker gather records (fewer fetches).",
+    )
 
     def retention_days(self) -> dict[Kind, int]:
         """Days of history kept per kind."""

@@ -594,8 +594,9 @@ async def run_e2e_bench(  # noqa: PLR0915 - one setup/measure/teardown script re
         # --- measurement windows ---------------------------------------------------------
         pids = {s.name: s.process.pid for s in services}
         stack_root = stack_dir or Path.cwd() / ".stack"
-        for server in ("mosquitto", "kafka"):
-            pid = _pid_from_file(stack_root / "run" / f"{server}.pid")
+        # Mosquitto runs under a supervisor: the broker's own pid is in mosquitto-child.pid.
+        for server, pid_file in (("mosquitto", "mosquitto-child.pid"), ("kafka", "kafka.pid")):
+            pid = _pid_from_file(stack_root / "run" / pid_file)
             if pid is not None:
                 pids[server] = pid
         windows: list[dict[str, Any]] = []
