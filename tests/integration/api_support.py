@@ -7,10 +7,11 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -122,3 +123,42 @@ async def produce(bootstrap: str, topic: str, records: list[tuple[str, bytes]]) 
         await producer.flush()
     finally:
         await producer.stop()
+
+
+async def open_ticket(
+    database_url: str,
+    *,
+    device_id: str,
+    rule: str = "bin_full",
+    district: str = "north",
+    opened_at: datetime | None = None,
+    due_at: datetime | None = None,
+) -> int:
+    """An open P3 sanitation ticket as the rules service writes it (row + `opened` audit)."""
+    now = datetime.now(UTC)
+    conn = await asyncpg.connect(database_url)
+    try:
+        ticket_id: int = await conn.fetchval(
+            """
+            INSERT INTO tickets (device_id, kind, district, rule, priority, department, status,
+                                 opened_at, due_at, last_seen_at, details)
+            VALUES ($1, 'wastebin', $2, $3, 'P3', 'sanitation', 'open', $4, $5, $4, '{}')
+            RETURNING id
+            """,
+            device_id,
+            district,
+            rule,
+            opened_at or now - timedelta(hours=1),
+            due_at or now + timedelta(hours=3),
+        )
+        await conn.execute(
+            """
+            INSERT INTO ticket_transitions (ticket_id, action, to_status, to_priority, actor,
+                                            version)
+            VALUES ($1, 'opened', 'open', 'P3', 'rules', 1)
+            """,
+            ticket_id,
+        )
+        return ticket_id
+    finally:
+        await conn.close()

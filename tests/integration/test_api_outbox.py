@@ -12,7 +12,6 @@ import asyncio
 import socket
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -29,39 +28,16 @@ from cityops.api.settings import ApiSettings
 from cityops.api.store_outbox import OutboxEvent
 from cityops.common.tickets import TicketEvent
 from tests.helpers import wait_for
-from tests.integration.api_support import BASE_TOPICS, RunningApi, api_settings, run_api
+from tests.integration.api_support import (
+    BASE_TOPICS,
+    RunningApi,
+    api_settings,
+    open_ticket,
+    run_api,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 PARTITIONS = 3  # what the kafka_topics fixture creates
-
-
-async def _open_ticket(database_url: str, *, device_id: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        now = datetime.now(UTC)
-        ticket_id: int = await conn.fetchval(
-            """
-            INSERT INTO tickets (device_id, kind, district, rule, priority, department, status,
-                                 opened_at, due_at, last_seen_at, details)
-            VALUES ($1, 'wastebin', 'north', 'bin_full', 'P3', 'sanitation', 'open', $2, $3,
-                    $2, '{}')
-            RETURNING id
-            """,
-            device_id,
-            now - timedelta(hours=1),
-            now + timedelta(hours=3),
-        )
-        await conn.execute(
-            """
-            INSERT INTO ticket_transitions (ticket_id, action, to_status, to_priority, actor,
-                                            version)
-            VALUES ($1, 'opened', 'open', 'P3', 'rules', 1)
-            """,
-            ticket_id,
-        )
-        return ticket_id
-    finally:
-        await conn.close()
 
 
 async def _outbox(database_url: str) -> list[asyncpg.Record]:
@@ -121,7 +97,7 @@ async def test_transition_and_registration_each_publish_one_record_and_empty_the
         api_projector_enabled=False,
     )
     device_id = f"wb-{uuid.uuid4().hex[:10]}"
-    ticket_id = await _open_ticket(database_url, device_id=device_id)
+    ticket_id = await open_ticket(database_url, device_id=device_id)
     async with run_api(settings) as api, api.client() as http:
         created = await http.post(
             "/v1/devices",
@@ -195,7 +171,7 @@ async def test_kafka_unreachable_keeps_events_in_the_outbox_until_a_sweep_publis
         api_outbox_sweep_s=1,
     )
     device_id = f"wb-{uuid.uuid4().hex[:10]}"
-    ticket_id = await _open_ticket(database_url, device_id=device_id)
+    ticket_id = await open_ticket(database_url, device_id=device_id)
     monkeypatch.setattr(api_main, "start_producer", unreachable_producer)
     async with run_api(settings) as api, api.client() as http:
         started = time.monotonic()

@@ -8,45 +8,14 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
 from cityops.common.tickets import TicketEvent
-from tests.integration.api_support import BASE_TOPICS, api_settings, run_api
+from tests.integration.api_support import BASE_TOPICS, api_settings, open_ticket, run_api
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
-
-
-async def _open_ticket(database_url: str, *, device_id: str, rule: str, district: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        now = datetime.now(UTC)
-        ticket_id: int = await conn.fetchval(
-            """
-            INSERT INTO tickets (device_id, kind, district, rule, priority, department, status,
-                                 opened_at, due_at, last_seen_at, details)
-            VALUES ($1, 'wastebin', $2, $3, 'P3', 'sanitation', 'open', $4, $5, $4, '{}')
-            RETURNING id
-            """,
-            device_id,
-            district,
-            rule,
-            now - timedelta(hours=5),
-            now - timedelta(hours=1),
-        )
-        await conn.execute(
-            """
-            INSERT INTO ticket_transitions (ticket_id, action, to_status, to_priority, actor,
-                                            version)
-            VALUES ($1, 'opened', 'open', 'P3', 'rules', 1)
-            """,
-            ticket_id,
-        )
-        return ticket_id
-    finally:
-        await conn.close()
 
 
 async def test_scopes_401_and_403(
@@ -117,8 +86,13 @@ async def test_ticket_transitions_follow_state_machine(
         api_projector_enabled=False,
     )
     device_id = f"wb-{uuid.uuid4().hex[:8]}"
-    ticket_id = await _open_ticket(
-        database_url, device_id=device_id, rule="bin_full", district="d9"
+    now = datetime.now(UTC)
+    ticket_id = await open_ticket(
+        database_url,
+        device_id=device_id,
+        district="d9",
+        opened_at=now - timedelta(hours=5),
+        due_at=now - timedelta(hours=1),  # overdue
     )
     async with run_api(settings) as api, api.client() as admin:
         key = (
