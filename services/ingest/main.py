@@ -4,6 +4,10 @@ Lifecycle: take positions at the end of the devices topic, load the device regis
 Kafka producer, then connect to MQTT and start reading. SIGTERM/SIGINT stops reading, finishes
 what was received (bounded by CITYOPS_SHUTDOWN_TIMEOUT_S), sends the remaining PUBACKs,
 disconnects, and logs one summary line.
+
+`cityops ingest --purge-session` instead ends the replica's persistent MQTT session at the broker
+and exits: for a replica removed for good, whose session would otherwise keep receiving its share
+of the readings (docs/ingest.md, "Scaling down").
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from cityops.common.kafka import ensure_topics
 from cityops.common.logs import configure_logging
+from cityops.common.mqtt_sessions import purge_session
 from cityops.common.ops import serve_ops, stop_on_signals
 from cityops.ingest.kafka_sink import KafkaSink
 from cityops.ingest.metrics import IngestMetrics
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 # At start-up the snapshot waits this long for the devices-topic follower to take its positions
 # (see registry_follow); without the topic it loads anyway, refresh and lookups still work.
 _FOLLOW_WAIT_S = 10.0
+_MAX_CLIENT_ID = 128  # as CITYOPS_INGEST_CLIENT_ID
 
 
 async def run(settings: IngestSettings, *, stop: asyncio.Event | None = None) -> PipelineStats:
@@ -217,10 +223,63 @@ async def _ensure_output_topics(settings: IngestSettings, topics: OutputTopics) 
         )
 
 
+def end_session(settings: IngestSettings, *, client_id: str) -> int:
+    """End the persistent MQTT session of `client_id`; the exit code (0: the broker took it)."""
+    context = {"client_id": client_id, "broker": f"{settings.mqtt_host}:{settings.mqtt_port}"}
+    ended = purge_session(
+        host=settings.mqtt_host,
+        port=settings.mqtt_port,
+        username=settings.ingest_mqtt_username,
+        password=settings.ingest_mqtt_password.get_secret_value(),
+        client_id=client_id,
+    )
+    if not ended:
+        log.error(
+            "could not end the MQTT session of %s: the broker refused the ingest account or did "
+            "not answer (reason logged above); the session, if any, is still there",
+            client_id,
+            extra=context,
+        )
+        return 1
+    # A clean-session CONNECT answers "no session present" whether or not one existed.
+    log.info(
+        "ended the MQTT session of %s (if it existed) and the readings queued for it",
+        client_id,
+        extra=context,
+    )
+    return 0
+
+
+def _client_id(value: str) -> str:
+    if not 1 <= len(value) <= _MAX_CLIENT_ID:
+        raise argparse.ArgumentTypeError(f"expected 1 to {_MAX_CLIENT_ID} characters")
+    return value
+
+
 def main(argv: list[str]) -> int:
     """Entry point of `cityops ingest`."""
-    parser = argparse.ArgumentParser(prog="cityops ingest", description=__doc__)
-    parser.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="cityops ingest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--purge-session",
+        action="store_true",
+        help="end this replica's persistent MQTT session at the broker and exit, DROPPING the "
+        "readings still queued for it; only for a replica stopped for good, once the remaining "
+        "replicas run (docs/ingest.md, 'Scaling down')",
+    )
+    parser.add_argument(
+        "--client-id",
+        type=_client_id,
+        metavar="ID",
+        help="with --purge-session: the session to end (default: this replica's own, "
+        "CITYOPS_INGEST_CLIENT_ID or ingest-<host name>-<CITYOPS_INGEST_REPLICA_INDEX>)",
+    )
+    args = parser.parse_args(argv)
+    if args.client_id is not None and not args.purge_session:
+        parser.error("--client-id only goes with --purge-session")
     settings = IngestSettings()  # fields come from the environment
     configure_logging(
         service="ingest",
@@ -228,5 +287,7 @@ def main(argv: list[str]) -> int:
         level=settings.log_level,
         fmt=settings.log_format,
     )
+    if args.purge_session:
+        return end_session(settings, client_id=args.client_id or settings.ingest_client_id)
     asyncio.run(run(settings))
     return 0
