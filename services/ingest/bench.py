@@ -30,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
+from cityops.common.mqtt_sessions import purge_session
 from cityops.common.registry import Device, upsert_devices
 from cityops.common.scratch import drop_database
 
@@ -67,22 +68,6 @@ def _session(host: str, port: int, *, user: str, password: str, client_id: str, 
     client.disconnect()
     client.loop_stop()
     del mid
-
-
-def _purge(host: str, port: int, *, user: str, password: str, client_id: str) -> None:
-    client = Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=MQTTProtocolVersion.MQTTv311,
-        clean_session=True,
-    )
-    client.username_pw_set(user, password)
-    with contextlib.suppress(OSError):
-        client.connect(host, port)
-        client.loop_start()
-        time.sleep(0.2)
-        client.disconnect()
-        client.loop_stop()
 
 
 def _publish(
@@ -324,7 +309,12 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
         for cid in (*client_ids, base_client):
             await asyncio.to_thread(
                 functools.partial(
-                    _purge, host, port, user=ingest_user, password=ingest_pw, client_id=cid
+                    purge_session,
+                    host=host,
+                    port=port,
+                    username=ingest_user,
+                    password=ingest_pw,
+                    client_id=cid,
                 )
             )
         with contextlib.suppress(Exception):

@@ -21,11 +21,11 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
-from paho.mqtt.client import Client
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTProtocolVersion
 
 from cityops.api.publisher import device_document
 from cityops.common.kinds import Kind
+from cityops.common.mqtt_sessions import purge_session as common_purge_session
 from cityops.common.registry import Device, upsert_devices
 from cityops.ingest.main import run
 from cityops.ingest.settings import IngestSettings
@@ -287,21 +287,14 @@ def publish_all(client: MqttTestClient, messages: Iterable[tuple[str, bytes]]) -
 
 
 def purge_session(mqtt: MqttSettings, client_id: str) -> None:
-    """Remove a persistent session: connect with a clean session and disconnect."""
-    client = Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
+    """Remove a persistent session (cityops.common.mqtt_sessions.purge_session, best effort)."""
+    common_purge_session(
+        host=mqtt.host,
+        port=mqtt.port,
+        username=mqtt.ingest_username,
+        password=mqtt.ingest_password,
         client_id=client_id,
-        protocol=MQTTProtocolVersion.MQTTv311,
-        clean_session=True,
     )
-    client.username_pw_set(mqtt.ingest_username, mqtt.ingest_password)
-    try:
-        client.connect(mqtt.host, mqtt.port, keepalive=10)
-        client.loop_start()
-        client.disconnect()
-        client.loop_stop()
-    except OSError:
-        pass
 
 
 class TopicReader:
