@@ -180,3 +180,11 @@ def test_database_url_points_at_the_compose_database() -> None:
     assert re.match(
         r"postgresql://cityops:\$\{CITYOPS_DB_PASSWORD[^}]*\}@postgres:5432/cityops$", url
     )
+
+
+def test_ingest_keeps_one_client_id_across_container_recreation() -> None:
+    # A hostname-derived id changes on every recreate and orphans a persistent session that
+    # keeps collecting its share of the readings at the broker.
+    service = COMPOSE["services"]["ingest"]
+    client_id = environment("ingest").get("CITYOPS_INGEST_CLIENT_ID") or service.get("hostname")
+    assert client_id, "set CITYOPS_INGEST_CLIENT_ID (or hostname:) for the ingest service"
