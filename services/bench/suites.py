@@ -20,6 +20,7 @@ from typing import Any
 
 from cityops.bench.report import SuiteResult
 
+_EXTRA_ATTEMPTS = 2
 log = logging.getLogger(__name__)
 
 
@@ -116,9 +117,14 @@ async def run_service_suite(
     options = suite.quick_options if quick else suite.full_options
     results: list[dict[str, Any]] = []
     errors: list[str] = []
-    for number in range(1, runs + 1):
+    # A failed run is reported and replaced by one more attempt (at most two), so the median
+    # is still of `runs` measured runs.
+    attempts = runs + _EXTRA_ATTEMPTS
+    for number in range(1, attempts + 1):
+        if len(results) == runs:
+            break
         started = time.monotonic()
-        log.info("bench %s run %d/%d", suite.service, number, runs)
+        log.info("bench %s run %d (%d wanted)", suite.service, number, runs)
         try:
             result = await call_entry(entry, env, options)
         except Exception as exc:  # one failed run is reported; the other runs still go on
@@ -128,7 +134,10 @@ async def run_service_suite(
         result.setdefault("harness_wall_s", round(time.monotonic() - started, 1))
         results.append(result)
     used = ", ".join(f"{k}={v}" for k, v in accepted_options(entry, options).items())
-    notes = [f"Called as `{suite.function}(env{', ' + used if used else ''})`, {runs} runs."]
+    notes = [
+        f"Called as `{suite.function}(env{', ' + used if used else ''})`, {runs} runs"
+        + (f" wanted, {len(results) + len(errors)} attempted." if errors else ".")
+    ]
     if errors:
         return SuiteResult(
             suite.service,
