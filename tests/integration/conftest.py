@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -36,6 +37,9 @@ from cityops.stack.credentials import parse_env_file
 from cityops.stack.layout import StackPaths, repo_root
 from cityops.stack.probes import mqtt_connect_reason
 from tests.helpers import wait_for
+
+if TYPE_CHECKING:
+    from tests.integration.ingest_support import IngestCase
 
 MakeTopics = Callable[..., Awaitable[dict[str, str]]]
 ProvisionDevice = Callable[[str], Awaitable[str]]
@@ -267,3 +271,22 @@ async def provision_mqtt_device(mqtt_settings: MqttSettings) -> AsyncIterator[Pr
     finally:
         if provisioned:
             await asyncio.to_thread(edit_devices, mqtt_settings, add={}, remove=provisioned)
+
+
+@pytest_asyncio.fixture
+async def case(
+    stack_env: Mapping[str, str],
+    kafka_topics: MakeTopics,
+    database_url: str,
+    mqtt_settings: MqttSettings,
+) -> AsyncIterator[IngestCase]:
+    """An ingest test case: its own topics, database and share group; cleaned up afterwards."""
+    from tests.integration.ingest_support import ingest_case
+
+    async with ingest_case(
+        stack_env=stack_env,
+        kafka_topics=kafka_topics,
+        database_url=database_url,
+        mqtt=mqtt_settings,
+    ) as made:
+        yield made

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
-import pytest_asyncio
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from cityops.common.events import decode_status, decode_telemetry
 from cityops.common.kinds import Kind
 from tests.helpers import MqttTestClient
-from tests.integration.conftest import MakeTopics, MqttSettings, ProvisionDevice
+from tests.integration.conftest import ProvisionDevice
 from tests.integration.ingest_support import (
     IngestCase,
     TopicReader,
     gateway,
     headers_of,
-    ingest_case,
     ingest_in_process,
     metric_value,
     past,
@@ -31,22 +28,6 @@ from tests.integration.ingest_support import (
 pytestmark = [pytest.mark.kafka, pytest.mark.mqtt, pytest.mark.postgres]
 
 NOT_AUTHORIZED = 0x87
-
-
-@pytest_asyncio.fixture
-async def case(
-    stack_env: Mapping[str, str],
-    kafka_topics: MakeTopics,
-    database_url: str,
-    mqtt_settings: MqttSettings,
-) -> AsyncIterator[IngestCase]:
-    async with ingest_case(
-        stack_env=stack_env,
-        kafka_topics=kafka_topics,
-        database_url=database_url,
-        mqtt=mqtt_settings,
-    ) as made:
-        yield made
 
 
 async def test_every_kind_accepted_and_every_reason_dead_lettered(case: IngestCase) -> None:

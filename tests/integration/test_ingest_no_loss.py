@@ -8,23 +8,20 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import orjson
 import pytest
-import pytest_asyncio
 
 from cityops.common.kinds import Kind
 from cityops.stack.layout import StackPaths, repo_root
 from tests.helpers import wait_for
-from tests.integration.conftest import MakeTopics, MqttSettings
 from tests.integration.ingest_support import (
     IngestCase,
     TopicReader,
     gateway,
-    ingest_case,
     ingest_in_process,
     metric_value,
     past,
@@ -40,22 +37,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.mqtt, pytest.mark.postgres]
 
 # A high budget: these tests are about loss, not rate limiting.
 FAST = {"CITYOPS_INGEST_RATE_PER_S": "100000", "CITYOPS_INGEST_RATE_BURST": "100000"}
-
-
-@pytest_asyncio.fixture
-async def case(
-    stack_env: Mapping[str, str],
-    kafka_topics: MakeTopics,
-    database_url: str,
-    mqtt_settings: MqttSettings,
-) -> AsyncIterator[IngestCase]:
-    async with ingest_case(
-        stack_env=stack_env,
-        kafka_topics=kafka_topics,
-        database_url=database_url,
-        mqtt=mqtt_settings,
-    ) as made:
-        yield made
 
 
 class Stream:

@@ -12,23 +12,19 @@ lookups, the test's own devices topic) and bounded by the foreign message count 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
 
 import asyncpg
 import orjson
 import pytest
-import pytest_asyncio
 from aiokafka.structs import ConsumerRecord
 
 from cityops.common.kinds import Kind
 from tests.helpers import wait_for
-from tests.integration.conftest import MakeTopics, MqttSettings
 from tests.integration.ingest_support import (
     IngestCase,
     TopicReader,
     gateway,
     headers_of,
-    ingest_case,
     ingest_in_process,
     metric_value,
     past,
@@ -40,22 +36,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.mqtt, pytest.mark.postgres]
 
 SLOW_REFRESH = {"CITYOPS_INGEST_REGISTRY_REFRESH_S": "60"}
 WELL_BEFORE_REFRESH_S = 15.0  # every acceptance below must come well inside the 60 s refresh
-
-
-@pytest_asyncio.fixture
-async def case(
-    stack_env: Mapping[str, str],
-    kafka_topics: MakeTopics,
-    database_url: str,
-    mqtt_settings: MqttSettings,
-) -> AsyncIterator[IngestCase]:
-    async with ingest_case(
-        stack_env=stack_env,
-        kafka_topics=kafka_topics,
-        database_url=database_url,
-        mqtt=mqtt_settings,
-    ) as made:
-        yield made
 
 
 async def metric(port: int, name: str, **labels: str) -> float:
