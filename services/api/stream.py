@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from cityops.api.metrics import ApiMetrics
@@ -320,33 +320,37 @@ class Broadcaster:
                     if event is not None:
                         self._deliver(clients, event)
 
-    async def _run_shared(self) -> None:
+    @contextlib.asynccontextmanager
+    async def _assigned_consumer(
+        self,
+    ) -> AsyncIterator[tuple[AIOKafkaConsumer, frozenset[TopicPartition]]]:
+        """A started group-less consumer once it holds its partitions (stopped on exit)."""
         await self._load_districts()
         consumer = self._consumer()
         await consumer.start()
         try:
-            # Pin the start at "latest now", so an event right after subscribing is not missed.
             assignment = consumer.assignment()
             while not assignment:
                 await consumer.getmany(timeout_ms=100)
                 assignment = consumer.assignment()
-            for tp in assignment:
-                await consumer.position(tp)
-            self.live.set()
-            await self._consume(consumer, self._decoder(), lambda: list(self._subscribers))
+            yield consumer, frozenset(assignment)
         finally:
-            self.live.clear()
             await consumer.stop()
 
-    async def _run_private(self, subscription: Subscription, since_ms: int) -> None:
-        await self._load_districts()
-        consumer = self._consumer()
-        await consumer.start()
+    async def _run_shared(self) -> None:
         try:
-            assignment = consumer.assignment()
-            while not assignment:
-                await consumer.getmany(timeout_ms=100)
-                assignment = consumer.assignment()
+            async with self._assigned_consumer() as (consumer, assignment):
+                # Pin the start at "latest now", so an event right after subscribing is not
+                # missed.
+                for tp in assignment:
+                    await consumer.position(tp)
+                self.live.set()
+                await self._consume(consumer, self._decoder(), lambda: list(self._subscribers))
+        finally:
+            self.live.clear()
+
+    async def _run_private(self, subscription: Subscription, since_ms: int) -> None:
+        async with self._assigned_consumer() as (consumer, assignment):
             # Resume at the millisecond of the last event the client saw: events of that same
             # millisecond are sent again (at-least-once), none is skipped.
             offsets = await consumer.offsets_for_times(dict.fromkeys(assignment, since_ms))
@@ -355,8 +359,6 @@ class Broadcaster:
                 found = offsets.get(tp)
                 consumer.seek(tp, found.offset if found is not None else ends[tp])
             await self._consume(consumer, self._decoder(), lambda: [subscription])
-        finally:
-            await consumer.stop()
 
     async def close(self) -> None:
         """End every stream (shutdown): clients get end-of-stream, the consumer stops."""
