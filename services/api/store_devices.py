@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from cityops.api.db import Conn, Executor
+from cityops.api.db import Conn, Executor, Params
 from cityops.api.params import BBox
 
 _DEVICE_COLUMNS = """
@@ -65,11 +65,7 @@ async def list_devices(
 ) -> list[asyncpg.Record]:
     """A page of devices in device_id order, filtered; fetches limit + 1 to see if more follow."""
     where: list[str] = []
-    args: list[Any] = []
-
-    def param(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
+    param = Params()
 
     # With a bbox the page is cut from the devices in the box, found through the GiST index
     # on point(lon, lat) (MATERIALIZED: the planner cannot instead walk the primary key in id
@@ -111,7 +107,7 @@ async def list_devices(
         "LEFT JOIN device_state s ON s.device_id = d.device_id "
         "LEFT JOIN device_connectivity c ON c.device_id = d.device_id "
         "ORDER BY d.device_id",
-        *args,
+        *param.values,
     )
     return rows
 
@@ -205,15 +201,17 @@ async def patch_device(conn: Conn, *, device_id: str, changes: Mapping[str, Any]
     if unknown:
         raise ValueError(f"not patchable: {sorted(unknown)}")
     sets: list[str] = []
-    args: list[Any] = [device_id]
+    param = Params()
+    key = param(device_id)
     for column, value in changes.items():
-        args.append(orjson.dumps(value).decode() if column == "metadata" else value)
-        cast = "::jsonb" if column == "metadata" else ""
-        sets.append(f"{column} = ${len(args)}{cast}")
+        if column == "metadata":
+            sets.append(f"{column} = {param(orjson.dumps(value).decode())}::jsonb")
+        else:
+            sets.append(f"{column} = {param(value)}")
     sets.append("updated_at = now()")
     status = await conn.execute(
-        f"UPDATE devices SET {', '.join(sets)} WHERE device_id = $1",  # noqa: S608 - whitelisted
-        *args,
+        f"UPDATE devices SET {', '.join(sets)} WHERE device_id = {key}",  # noqa: S608 - whitelisted
+        *param.values,
     )
     return status != "UPDATE 0"
 

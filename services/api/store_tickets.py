@@ -7,7 +7,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from cityops.api.db import Conn, Executor
+from cityops.api.db import Conn, Executor, Params
 from cityops.common.kinds import TicketStatus
 
 TICKET_COLUMNS = """
@@ -35,11 +35,7 @@ async def list_tickets(
 ) -> list[asyncpg.Record]:
     """A page of tickets, newest first; fetches limit + 1 to see if more follow."""
     where: list[str] = []
-    args: list[Any] = []
-
-    def param(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
+    param = Params()
 
     for column, value in (
         ("status", status),
@@ -61,7 +57,7 @@ async def list_tickets(
     rows: list[asyncpg.Record] = await conn.fetch(
         f"SELECT {TICKET_COLUMNS} FROM tickets t {clause} ORDER BY t.id DESC "  # noqa: S608
         f"LIMIT {param(limit + 1)}",
-        *args,
+        *param.values,
     )
     return rows
 
