@@ -33,6 +33,25 @@ BASE_TOPICS = (
 BOOTSTRAP_KEY = "test-bootstrap-" + uuid.uuid4().hex
 
 
+@dataclass(frozen=True)
+class ApiCase:
+    """One API test's fresh database and topics (the `api_case` fixture)."""
+
+    database_url: str
+    kafka_bootstrap: str
+    topics: Mapping[str, str]
+
+    def settings(self, *, mqtt: Any | None = None, **overrides: Any) -> ApiSettings:
+        """`api_settings` for this case's database and topics."""
+        return api_settings(
+            database_url=self.database_url,
+            kafka_bootstrap=self.kafka_bootstrap,
+            topics=self.topics,
+            mqtt=mqtt,
+            **overrides,
+        )
+
+
 def api_settings(
     *,
     database_url: str,

@@ -39,6 +39,7 @@ from cityops.stack.probes import mqtt_connect_reason
 from tests.helpers import wait_for
 
 if TYPE_CHECKING:
+    from tests.integration.api_support import ApiCase
     from tests.integration.ingest_support import IngestCase
 
 MakeTopics = Callable[..., Awaitable[dict[str, str]]]
@@ -290,3 +291,11 @@ async def case(
         mqtt=mqtt_settings,
     ) as made:
         yield made
+
+
+@pytest_asyncio.fixture
+async def api_case(database_url: str, kafka_bootstrap: str, kafka_topics: MakeTopics) -> ApiCase:
+    """A fresh database and the API's topics; `api_case.settings(**overrides)` for the app."""
+    from tests.integration.api_support import BASE_TOPICS, ApiCase
+
+    return ApiCase(database_url, kafka_bootstrap, await kafka_topics(*BASE_TOPICS))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
-from typing import Any
 
 import asyncpg
 import pytest
@@ -13,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from cityops.api.auth import hash_api_key
 from cityops.api.key_usage import KeyUsage
 from tests.helpers import wait_for
-from tests.integration.api_support import BASE_TOPICS, RunningApi, api_settings, run_api
+from tests.integration.api_support import ApiCase, RunningApi, run_api
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -47,14 +46,8 @@ def _flushes(api: RunningApi, outcome: str) -> float:
     return value
 
 
-async def test_used_key_gets_last_used_at_and_an_unused_key_stays_null(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
-) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
-    settings = api_settings(
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topics=topics,
+async def test_used_key_gets_last_used_at_and_an_unused_key_stays_null(api_case: ApiCase) -> None:
+    settings = api_case.settings(
         api_projector_enabled=False,
         api_key_usage_flush_s=0.2,
     )
@@ -90,14 +83,8 @@ async def test_used_key_gets_last_used_at_and_an_unused_key_stays_null(
         assert _flushes(api, "error") == 0
 
 
-async def test_an_older_use_never_moves_last_used_at_back(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
-) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
-    settings = api_settings(
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topics=topics,
+async def test_an_older_use_never_moves_last_used_at_back(api_case: ApiCase) -> None:
+    settings = api_case.settings(
         api_projector_enabled=False,
         api_key_usage_flush_s=0.2,
     )
@@ -122,13 +109,9 @@ async def test_an_older_use_never_moves_last_used_at_back(
 
 
 async def test_graceful_shutdown_flushes_uses_not_yet_written(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+    api_case: ApiCase, database_url: str
 ) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
-    settings = api_settings(
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topics=topics,
+    settings = api_case.settings(
         api_projector_enabled=False,
         api_key_usage_flush_s=3600,  # the timer never fires during this test
     )

@@ -29,9 +29,8 @@ from cityops.api.store_outbox import OutboxEvent
 from cityops.common.tickets import TicketEvent
 from tests.helpers import wait_for
 from tests.integration.api_support import (
-    BASE_TOPICS,
+    ApiCase,
     RunningApi,
-    api_settings,
     open_ticket,
     run_api,
 )
@@ -87,13 +86,10 @@ def _closed_port() -> int:
 
 
 async def test_transition_and_registration_each_publish_one_record_and_empty_the_outbox(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+    api_case: ApiCase, database_url: str, kafka_bootstrap: str
 ) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
-    settings = api_settings(
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topics=topics,
+    topics = api_case.topics
+    settings = api_case.settings(
         api_projector_enabled=False,
     )
     device_id = f"wb-{uuid.uuid4().hex[:10]}"
@@ -151,9 +147,9 @@ async def test_transition_and_registration_each_publish_one_record_and_empty_the
 
 
 async def test_kafka_unreachable_keeps_events_in_the_outbox_until_a_sweep_publishes_them(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any, monkeypatch: pytest.MonkeyPatch
+    api_case: ApiCase, database_url: str, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
+    topics = api_case.topics
     dead_bootstrap = f"127.0.0.1:{_closed_port()}"
 
     async def unreachable_producer(settings: ApiSettings, stop: asyncio.Event) -> AIOKafkaProducer:
@@ -162,10 +158,7 @@ async def test_kafka_unreachable_keeps_events_in_the_outbox_until_a_sweep_publis
             bootstrap_servers=dead_bootstrap, acks="all", enable_idempotence=True
         )
 
-    settings = api_settings(
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topics=topics,
+    settings = api_case.settings(
         api_projector_enabled=False,
         api_outbox_publish_timeout_s=3,
         api_outbox_sweep_s=1,

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer
 
 from cityops.stack.probes import mqtt_connect_reason
 from tests.helpers import MqttTestClient, wait_for
-from tests.integration.api_support import BASE_TOPICS, api_settings, run_api
+from tests.integration.api_support import ApiCase, run_api
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.mqtt]
 
@@ -50,13 +50,10 @@ async def _devices_topic_records(bootstrap: str, topic: str, count: int) -> list
 
 
 async def test_provisioned_device_publishes_and_revoked_cannot(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any, mqtt_settings: Any
+    api_case: ApiCase, kafka_bootstrap: str, mqtt_settings: Any
 ) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
-    settings = api_settings(
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topics=topics,
+    topics = api_case.topics
+    settings = api_case.settings(
         mqtt=mqtt_settings,
         api_projector_enabled=False,
     )
@@ -143,13 +140,9 @@ async def _refused(mqtt: Any, username: str, password: str) -> bool:
 
 
 async def test_import_keeps_valid_rows_and_reports_bad_ones(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any, mqtt_settings: Any
+    api_case: ApiCase, mqtt_settings: Any
 ) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
-    settings = api_settings(
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topics=topics,
+    settings = api_case.settings(
         mqtt=mqtt_settings,
         api_projector_enabled=False,
     )

@@ -21,9 +21,8 @@ from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 
 from tests.integration.api_support import (
-    BASE_TOPICS,
     BOOTSTRAP_KEY,
-    api_settings,
+    ApiCase,
     produce,
     run_api,
     telemetry,
@@ -86,18 +85,16 @@ _EXCLUDED = [positive_data_acceptance]
 
 
 async def test_openapi_fuzzing_finds_no_5xx_and_no_schema_violation(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+    api_case: ApiCase, database_url: str, kafka_bootstrap: str
 ) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
+    topics = api_case.topics
     conn = await asyncpg.connect(database_url)
     await conn.execute(
         "INSERT INTO devices (device_id, kind, district, lat, lon) VALUES"
         " ('wb-fuzz', 'wastebin', 'fuzz', 1, 1), ('sl-fuzz', 'streetlight', 'fuzz', NULL, NULL)"
     )
     await conn.close()
-    settings_ = api_settings(
-        database_url=database_url, kafka_bootstrap=kafka_bootstrap, topics=topics
-    )
+    settings_ = api_case.settings()
     async with run_api(settings_) as api, api.client() as http:
         await produce(
             kafka_bootstrap,

@@ -14,7 +14,12 @@ import orjson
 import pytest
 
 from tests.helpers import wait_for
-from tests.integration.api_support import BASE_TOPICS, api_settings, produce, run_api, telemetry
+from tests.integration.api_support import (
+    ApiCase,
+    produce,
+    run_api,
+    telemetry,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -39,13 +44,10 @@ async def _next_event(
 
 
 async def test_stream_delivers_state_changes_filtered_and_resumes(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+    api_case: ApiCase, database_url: str, kafka_bootstrap: str
 ) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
-    settings = api_settings(
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topics=topics,
+    topics = api_case.topics
+    settings = api_case.settings(
         api_projector_enabled=False,
     )
     bin_id, spot_id = f"wb-{uuid.uuid4().hex[:8]}", f"pk-{uuid.uuid4().hex[:8]}"
@@ -104,12 +106,10 @@ async def test_stream_delivers_state_changes_filtered_and_resumes(
 
 
 async def test_lists_readings_and_district_summary(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+    api_case: ApiCase, database_url: str, kafka_bootstrap: str
 ) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
-    settings = api_settings(
-        database_url=database_url, kafka_bootstrap=kafka_bootstrap, topics=topics
-    )
+    topics = api_case.topics
+    settings = api_case.settings()
     conn = await asyncpg.connect(database_url)
     # 30 devices on a line of longitudes; kinds cycle.
     kinds = ["streetlight", "wastebin", "parking"]

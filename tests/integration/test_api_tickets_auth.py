@@ -6,26 +6,19 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
 from cityops.common.tickets import TicketEvent
-from tests.integration.api_support import BASE_TOPICS, api_settings, open_ticket, run_api
+from tests.integration.api_support import ApiCase, open_ticket, run_api
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
 
-async def test_scopes_401_and_403(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
-) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
-    settings = api_settings(
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topics=topics,
+async def test_scopes_401_and_403(api_case: ApiCase) -> None:
+    settings = api_case.settings(
         api_projector_enabled=False,
     )
     async with run_api(settings) as api, api.client() as admin, api.client(None) as anonymous:
@@ -76,13 +69,10 @@ async def test_scopes_401_and_403(
 
 
 async def test_ticket_transitions_follow_state_machine(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+    api_case: ApiCase, database_url: str, kafka_bootstrap: str
 ) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
-    settings = api_settings(
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topics=topics,
+    topics = api_case.topics
+    settings = api_case.settings(
         api_projector_enabled=False,
     )
     device_id = f"wb-{uuid.uuid4().hex[:8]}"
@@ -167,14 +157,8 @@ async def test_ticket_transitions_follow_state_machine(
     ]
 
 
-async def test_oversized_bodies_are_413_problems(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
-) -> None:
-    topics = await kafka_topics(*BASE_TOPICS)
-    settings = api_settings(
-        database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topics=topics,
+async def test_oversized_bodies_are_413_problems(api_case: ApiCase) -> None:
+    settings = api_case.settings(
         api_projector_enabled=False,
         api_import_max_bytes=100_000,
     )
