@@ -29,7 +29,7 @@ from cityops.stack.credentials import parse_env_file
 
 log = logging.getLogger("cityops.bench")
 
-SUITES = ("ingest", "rules", "api", "e2e")
+SUITES = ("ingest", "rules", "api", "stack", "e2e")
 E2E_TARGETS = {"state_p99_ms": ("<=", 100.0), "ticket_p99_ms": ("<=", 250.0)}
 MIN_RUNS = 3
 

@@ -63,6 +63,12 @@ SERVICE_SUITES = (
         quick_options={"quick": True},
         full_options={"quick": False},
     ),
+    ServiceSuite(
+        "stack",
+        "Broker: RSS with 10,000 connected devices (the stack's Mosquitto vs Debian 12's 2.0.11)",
+        quick_options={"devices": 2_000},
+        full_options={"devices": 10_000},
+    ),
 )
 
 
