@@ -1,7 +1,9 @@
 """The operations endpoint of a worker: /metrics, /healthz and /readyz on one small HTTP port.
 
 A worker passes its own Prometheus registry and a readiness callback that reports each
-dependency; /readyz answers 200 only when all of them are ready.
+dependency; /readyz answers 200 only when all of them are ready. `TaskSupervisor` watches a
+service's long-running tasks: one that ends before the service was asked to stop turns /readyz
+red and stops the service, which then exits non-zero so its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -76,6 +78,41 @@ async def serve_ops(
     finally:
         server.close()
         await server.wait_closed()
+
+
+class TaskSupervisor:
+    """A service's long-running tasks; one that ends on its own fails the service."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        self.failed: list[str] = []
+
+    def watch(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        """Fail the service if `task` ends before `stop` is set, or with an exception."""
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if self._stop.is_set() and error is None:
+            return  # a clean stop
+        self.failed.append(task.get_name())
+        log.error(
+            "long-running task ended, stopping the service: %r",
+            error if error is not None else "returned",
+            extra={"task": task.get_name()},
+            exc_info=error,
+        )
+        self._stop.set()
+
+    def healthy(self) -> bool:
+        """No watched task has failed."""
+        return not self.failed
+
+    @property
+    def exit_code(self) -> int:
+        """1 when a task failed (so a supervisor restarts the service), else 0."""
+        return 1 if self.failed else 0
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:
