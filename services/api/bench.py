@@ -41,6 +41,7 @@ from cityops.api.projector import Projector
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.scratch import drop_database
+from cityops.common.setaside import SetAside
 
 KINDS = ("streetlight", "manhole", "wastebin", "parking")
 DISTRICTS = 20
@@ -177,13 +178,22 @@ async def _drain(
     pool = await asyncpg.create_pool(
         url, min_size=2, max_size=4, server_settings={"timezone": "UTC"}
     )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    metrics = create_metrics(CollectorRegistry())
     projector = Projector(
+        set_aside=SetAside(
+            producer=producer,
+            topic=topics["deadletter"],
+            consumer=f"api-projector-bench-{tag}",
+            counter=metrics.projector_set_aside,
+        ),
         pool=pool,
         bootstrap=bootstrap,
         topics=[topics["telemetry"], topics["status"]],
         telemetry_topic=topics["telemetry"],
         group_id=f"api-projector-bench-{tag}",
-        metrics=create_metrics(CollectorRegistry()),
+        metrics=metrics,
         batch_max=5000,
         fetch_timeout_ms=200,
         partitions_ahead_days=3,
@@ -208,6 +218,7 @@ async def _drain(
         stop.set()
         await asyncio.wait_for(task, 60)
         await pool.close()
+        await producer.stop()
     steady = (total - first_count) / (ended - first_at) if ended > first_at else float("nan")
     return {
         "projector_drain_readings": total,

@@ -14,7 +14,7 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 
 import asyncpg
 import uvicorn
@@ -37,7 +37,8 @@ from cityops.api.stream import Broadcaster
 from cityops.common.city_metrics import run_city_metrics
 from cityops.common.kafka import ensure_topics
 from cityops.common.logs import configure_logging
-from cityops.common.ops import stop_on_signals
+from cityops.common.ops import TaskSupervisor, stop_on_signals
+from cityops.common.setaside import SetAside
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +116,25 @@ async def start_producer(settings: ApiSettings, stop: asyncio.Event) -> AIOKafka
 
 
 class Readiness:
-    """/readyz checks: PostgreSQL answers, Kafka metadata can be fetched (cached for 1 s)."""
+    """/readyz checks: PostgreSQL answers, Kafka metadata can be fetched (cached for 1 s), and
+    every watched consumer or task is healthy (`watch`, not cached)."""
 
     def __init__(self, *, pool: asyncpg.Pool, producer: AIOKafkaProducer) -> None:
         self._pool = pool
         self._producer = producer
         self._cached: tuple[float, dict[str, bool]] | None = None
+        self._watched: dict[str, Callable[[], bool]] = {}
+
+    def watch(self, name: str, healthy: Callable[[], bool]) -> None:
+        """Report `healthy()` as check `name` (a consumer or the service's tasks)."""
+        self._watched[name] = healthy
 
     async def __call__(self) -> dict[str, bool]:
         """The dependency checks."""
+        watched = {name: healthy() for name, healthy in self._watched.items()}
+        return {**await self._dependencies(), **watched}
+
+    async def _dependencies(self) -> dict[str, bool]:
         now = time.monotonic()
         if self._cached is not None and now - self._cached[0] < 1.0:
             return self._cached[1]
@@ -147,6 +158,7 @@ def build_context(
     producer: AIOKafkaProducer,
     metrics: ApiMetrics,
     key_usage: KeyUsage | None = None,
+    readiness: Readiness | None = None,
 ) -> ApiContext:
     """Wire the collaborators of the HTTP app."""
 
@@ -197,14 +209,23 @@ def build_context(
             queue_max=settings.api_stream_queue_max,
             fetch_max_wait_ms=settings.api_stream_fetch_max_wait_ms,
         ),
-        readiness=Readiness(pool=pool, producer=producer),
+        readiness=readiness if readiness is not None else Readiness(pool=pool, producer=producer),
         summaries=TtlCache(ttl_s=settings.api_summary_cache_s),
     )
 
 
-def build_projector(settings: ApiSettings, *, pool: asyncpg.Pool, metrics: ApiMetrics) -> Projector:
-    """The read-model projector for these settings."""
+def build_projector(
+    settings: ApiSettings, *, pool: asyncpg.Pool, producer: AIOKafkaProducer, metrics: ApiMetrics
+) -> Projector:
+    """The read-model projector for these settings; it sets records aside with `producer`."""
     return Projector(
+        set_aside=SetAside(
+            producer=producer,
+            topic=settings.topic_deadletter,
+            consumer=settings.api_projector_group,
+            counter=metrics.projector_set_aside,
+        ),
+        stall_s=settings.api_projector_stall_s,
         pool=pool,
         bootstrap=settings.kafka_bootstrap,
         topics=[settings.topic_telemetry, settings.topic_status],
@@ -224,9 +245,17 @@ def build_projector(settings: ApiSettings, *, pool: asyncpg.Pool, metrics: ApiMe
 
 @contextlib.asynccontextmanager
 async def running_service(
-    settings: ApiSettings, stop: asyncio.Event, registry: CollectorRegistry
+    settings: ApiSettings,
+    stop: asyncio.Event,
+    registry: CollectorRegistry,
+    supervisor: TaskSupervisor | None = None,
 ) -> AsyncIterator[tuple[_Server, ApiContext]]:
-    """Start pool, producer, projector and HTTP server; tear them down in order on exit."""
+    """Start pool, producer, projector and HTTP server; tear them down in order on exit.
+
+    The projector and the outbox relay are watched by `supervisor`: if either ends on its own,
+    /readyz turns red and `stop` is set (serve() then exits non-zero).
+    """
+    supervisor = supervisor if supervisor is not None else TaskSupervisor(stop)
     metrics = create_metrics(registry)
     await ensure_topics(
         settings.kafka_bootstrap,
@@ -245,22 +274,33 @@ async def running_service(
     pool = await create_pool(settings)
     producer = await start_producer(settings, stop)
     key_usage = KeyUsage(registry=registry, flush_s=settings.api_key_usage_flush_s)
+    readiness = Readiness(pool=pool, producer=producer)
+    readiness.watch("tasks", supervisor.healthy)
     context = build_context(
-        settings, pool=pool, producer=producer, metrics=metrics, key_usage=key_usage
+        settings,
+        pool=pool,
+        producer=producer,
+        metrics=metrics,
+        key_usage=key_usage,
+        readiness=readiness,
     )
     projector_task: asyncio.Task[None] | None = None
     projector = None
     # the outbox relay: publishes committed events, sweeps what failures and crashes left
-    relay_task = asyncio.create_task(context.publisher.run(stop), name="outbox-relay")
-    relay_task.add_done_callback(_report_relay_end)
+    relay_task = supervisor.watch(
+        asyncio.create_task(context.publisher.run(stop), name="outbox-relay")
+    )
     try:
         async with pool.acquire() as conn:
             states = await store_devices.credential_states(conn)
             if states:
                 await context.credentials.reconcile(conn, states)
         if settings.api_projector_enabled:
-            projector = build_projector(settings, pool=pool, metrics=metrics)
-            projector_task = asyncio.create_task(projector.run(stop), name="projector")
+            projector = build_projector(settings, pool=pool, producer=producer, metrics=metrics)
+            readiness.watch("projector", projector.healthy)
+            projector_task = supervisor.watch(
+                asyncio.create_task(projector.run(stop), name="projector")
+            )
         config = uvicorn.Config(
             create_app(context, registry=registry),
             host=settings.api_host,
@@ -294,17 +334,11 @@ async def running_service(
                 await asyncio.wait_for(projector_task, settings.shutdown_timeout_s)
             except TimeoutError:
                 log.exception("projector did not stop in time; its batch will be replayed")
-            except (asyncpg.PostgresError, OSError, KafkaError) as exc:
-                log.error("projector failed: %s", exc)  # noqa: TRY400 - reported, not hidden
+            except Exception:
+                log.debug("projector ended with an error", exc_info=True)
         await _stop_relay(context, relay_task, timeout_s=settings.shutdown_timeout_s)
         await producer.stop()
         await pool.close()
-
-
-def _report_relay_end(task: asyncio.Task[None]) -> None:
-    """Say so at once if the relay loop died: events would wait until a restart."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("outbox relay stopped: %r", task.exception())
 
 
 async def _stop_relay(context: ApiContext, task: asyncio.Task[None], *, timeout_s: float) -> None:
@@ -339,8 +373,9 @@ async def serve(settings: ApiSettings) -> int:
     stop = asyncio.Event()
     stop_on_signals(stop)
     registry = CollectorRegistry()
+    supervisor = TaskSupervisor(stop)
     started = time.monotonic()
-    async with running_service(settings, stop, registry) as (server, context):
+    async with running_service(settings, stop, registry, supervisor) as (server, context):
 
         async def stop_server() -> None:
             await stop.wait()
@@ -362,9 +397,13 @@ async def serve(settings: ApiSettings) -> int:
     )
     log.info(
         "api stopped",
-        extra={"uptime_s": round(time.monotonic() - started, 1), "requests": int(requests)},
+        extra={
+            "uptime_s": round(time.monotonic() - started, 1),
+            "requests": int(requests),
+            "failed_tasks": supervisor.failed,
+        },
     )
-    return 0
+    return supervisor.exit_code
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,8 @@ class ApiMetrics:
     request_seconds: Histogram
     projector_records: Counter
     projector_invalid: Counter
+    projector_set_aside: Counter
+    projector_write_retries: Counter
     projector_batch_records: Histogram
     projector_batch_seconds: Histogram
     projector_lag: Gauge
@@ -57,8 +59,19 @@ def create_metrics(registry: CollectorRegistry) -> ApiMetrics:
         ),
         projector_invalid=Counter(
             "cityops_api_projector_invalid_records_total",
-            "Records the projector could not decode (skipped, logged).",
+            "Records the projector could not decode (set aside as dead letters).",
             ["source"],
+            registry=registry,
+        ),
+        projector_set_aside=Counter(
+            "cityops_api_projector_set_aside_total",
+            "Records the projector could not process, produced to the dead-letter topic.",
+            ["reason"],
+            registry=registry,
+        ),
+        projector_write_retries=Counter(
+            "cityops_api_projector_write_retries_total",
+            "Read-model writes retried after a PostgreSQL or Kafka failure (an outage).",
             registry=registry,
         ),
         projector_batch_records=Histogram(

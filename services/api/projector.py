@@ -5,6 +5,12 @@ statement that wrote a batch, at most once per commit interval (an offset commit
 the broker's `__consumer_offsets`: one per batch cost the API, rules and the broker more CPU
 than the batches themselves at a steady 2,000 msgs/s). Every write is idempotent (seq guard,
 ON CONFLICT), so a crash or rebalance replays at most one commit interval and changes nothing.
+
+Nothing stops it. A lost database or Kafka is retried forever with capped backoff, and the
+projector catches up by itself. A record it cannot process (undecodable, or a value PostgreSQL
+refuses) is set aside on the dead-letter topic with its reason: a batch whose write PostgreSQL
+refuses for its data is bisected until the bad record is alone, the rest is written. `healthy()`
+says whether it is progressing (for /readyz).
 """
 
 from __future__ import annotations
@@ -27,14 +33,27 @@ from cityops.api.metrics import ApiMetrics
 from cityops.api.projection import ProjectionBatch, ReadingRow, fold, telemetry_row
 from cityops.common.events import StatusEvent, decode_status
 from cityops.common.kinds import Kind
+from cityops.common.setaside import UNDECODABLE, UNPROCESSABLE, SetAside, describe, is_data_error
 
 log = logging.getLogger(__name__)
 
 # pg_try_advisory_lock key for partition maintenance: one replica at a time does it.
 _MAINTENANCE_LOCK = 0x6369747900A1
+# Backoff of a failed write or Kafka call: these delays, then the last one forever.
 _RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# What a write can fail with: the data (bisected, set aside) or a dependency (retried).
+_WRITE_ERRORS = (
+    *_DB_ERRORS,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
 # Below this many records a batch is written in one lane.
 _LANE_MIN_RECORDS = 500
+
+
+Decoded = tuple[ConsumerRecord[bytes, bytes], ReadingRow | StatusEvent]
 
 
 def decode_records(
@@ -42,31 +61,24 @@ def decode_records(
     *,
     telemetry_topic: str,
     metrics: ApiMetrics,
-) -> list[ReadingRow | StatusEvent]:
-    """Decode a fetched batch; an undecodable record is logged, counted and skipped."""
-    events: list[ReadingRow | StatusEvent] = []
+) -> tuple[list[Decoded], list[tuple[ConsumerRecord[bytes, bytes], str]]]:
+    """Decode a fetched batch: (record, event) pairs, and (record, reason) for undecodable ones."""
+    events: list[Decoded] = []
+    undecodable: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
     for record in records:
         source = "telemetry" if record.topic == telemetry_topic else "status"
         try:
             value = record.value if record.value is not None else b""
             if source == "telemetry":
-                events.append(telemetry_row(value))
+                events.append((record, telemetry_row(value)))
             else:
-                events.append(decode_status(value))
-        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+                events.append((record, decode_status(value)))
+        except (ValueError, KeyError, TypeError, OverflowError, ValidationError) as exc:
             metrics.projector_invalid.labels(source).inc()
-            log.warning(
-                "skipping undecodable record: %s",
-                type(exc).__name__,
-                extra={
-                    "topic": record.topic,
-                    "partition": record.partition,
-                    "offset": record.offset,
-                },
-            )
+            undecodable.append((record, describe(exc)))
             continue
         metrics.projector_records.labels(source).inc()
-    return events
+    return events, undecodable
 
 
 async def write_batch(conn: Conn, batch: ProjectionBatch) -> tuple[int, int]:
@@ -97,9 +109,13 @@ class Projector:
         retention_days: Mapping[Kind, int],
         maintenance_interval_s: float,
         client_id: str,
+        set_aside: SetAside,
         write_lanes: int = 2,
         commit_interval_s: float = 1.0,
+        stall_s: float = 30.0,
     ) -> None:
+        self._set_aside = set_aside
+        self._stall_s = stall_s
         self._lanes = write_lanes
         self._commit_interval_s = commit_interval_s
         self._pool = pool
@@ -121,16 +137,26 @@ class Projector:
         self._committed: dict[TopicPartition, int] = {}
         self.commits = 0
         self.kafka_ok = False
+        self.db_ok = True
+        # when the projector last fetched and wrote (or found nothing to read): for healthy()
+        self._progress_at = time.monotonic()
         self.batches = 0
         self.records = 0
+        self.set_aside = 0
+
+    def healthy(self) -> bool:
+        """Kafka and PostgreSQL answer and a fetch completed within the stall limit."""
+        stalled = time.monotonic() - self._progress_at > self._stall_s
+        return self.kafka_ok and self.db_ok and not stalled
 
     async def run(self, stop: asyncio.Event) -> None:
         """Project until `stop` is set; the batch in flight is written and committed first."""
         try:
             await self.maintain_partitions()
-        except (asyncpg.PostgresError, OSError) as exc:
+        except _DB_ERRORS as exc:
             # Rows for a missing day land in readings_default: nothing is lost meanwhile.
             log.error("creating readings partitions failed: %s", exc)  # noqa: TRY400
+        self._progress_at = time.monotonic()
         consumer = AIOKafkaConsumer(
             *self._topics,
             bootstrap_servers=self._bootstrap,
@@ -153,12 +179,14 @@ class Projector:
                 except KafkaError as exc:
                     self.kafka_ok = False
                     log.warning("kafka fetch failed, retrying: %s", exc)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0)
+                    await _wait(stop, 1.0)
                     continue
                 self.kafka_ok = True
                 if fetched:
                     await self._project(consumer, fetched, stop)
+                self._progress_at = time.monotonic()
+        except _StoppedError:
+            log.info("stopped during a write; the batch in flight will be replayed")
         finally:
             if committer is not None:
                 committer.cancel()
@@ -182,8 +210,7 @@ class Projector:
             except KafkaError as exc:
                 delay = _RETRY_DELAYS_S[min(attempt, len(_RETRY_DELAYS_S) - 1)]
                 log.warning("kafka not reachable, retrying in %ss: %s", delay, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                await _wait(stop, delay)
                 if stop.is_set():
                     return
             else:
@@ -233,8 +260,7 @@ class Projector:
 
     async def _commit_loop(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._commit_interval_s)
+            await _wait(stop, self._commit_interval_s)
             await self._commit(consumer)
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
@@ -257,24 +283,73 @@ class Projector:
     async def _write_lane(
         self, records: list[ConsumerRecord[bytes, bytes]], stop: asyncio.Event
     ) -> tuple[int, int]:
-        events = decode_records(
+        """Write a lane's records, retrying an outage until it ends (or `stop` is set)."""
+        events, undecodable = decode_records(
             records, telemetry_topic=self._telemetry_topic, metrics=self._metrics
         )
-        batch = fold(events)
+        attempt = 0
+        while True:
+            try:
+                while undecodable:
+                    record, detail = undecodable[0]
+                    await self._park(record, reason=UNDECODABLE, detail=detail)
+                    undecodable.pop(0)
+                written = await self._write_or_bisect(events)
+            except (*_WRITE_ERRORS, KafkaError) as exc:
+                if stop.is_set():
+                    # Not written, so not committed: replayed by the partitions' next owner.
+                    raise _StoppedError from exc
+                if isinstance(exc, KafkaError):
+                    self.kafka_ok = False
+                else:
+                    self.db_ok = False
+                delay = _RETRY_DELAYS_S[min(attempt, len(_RETRY_DELAYS_S) - 1)]
+                attempt += 1
+                self._metrics.projector_write_retries.inc()
+                log.warning(
+                    "read-model write failed, retrying in %ss: %s",
+                    delay,
+                    describe(exc),
+                    extra={"attempt": attempt, "records": len(events)},
+                )
+                await _wait(stop, delay)
+                continue
+            self.db_ok = True
+            return written
+
+    async def _write_or_bisect(self, events: list[Decoded]) -> tuple[int, int]:
+        """Write `events` in one statement; if PostgreSQL refuses their data, halve and retry.
+
+        The records of one device stay in log order across the halves (each half is a
+        contiguous slice), and every write is idempotent, so writing halves is writing the
+        whole. A record refused on its own is set aside. Outage errors propagate.
+        """
+        batch = fold(event for _, event in events)
         if batch.empty:
             return 0, 0
-        for attempt in range(len(_RETRY_DELAYS_S) + 1):
-            try:
-                async with self._pool.acquire() as conn:
-                    return await write_batch(conn, batch)
-            except (asyncpg.PostgresError, OSError) as exc:
-                if attempt == len(_RETRY_DELAYS_S) or stop.is_set():
-                    # Not committed: the batch is replayed by whoever owns the partitions next.
-                    raise
-                delay = _RETRY_DELAYS_S[attempt]
-                log.warning("read-model write failed, retrying in %ss: %s", delay, exc)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        try:
+            async with self._pool.acquire() as conn:
+                return await write_batch(conn, batch)
+        except _WRITE_ERRORS as exc:
+            if not is_data_error(exc):
+                raise
+            if len(events) == 1:
+                await self._park(events[0][0], reason=UNPROCESSABLE, detail=describe(exc))
+                return 0, 0
+            log.info(
+                "read-model write refused its data; bisecting the batch",
+                extra={"records": len(events), "error": describe(exc)},
+            )
+        middle = len(events) // 2
+        first = await self._write_or_bisect(events[:middle])
+        second = await self._write_or_bisect(events[middle:])
+        return first[0] + second[0], first[1] + second[1]
+
+    async def _park(
+        self, record: ConsumerRecord[bytes, bytes], *, reason: str, detail: str
+    ) -> None:
+        await self._set_aside(record, reason=reason, detail=detail)
+        self.set_aside += 1
 
     async def maintain_partitions(self) -> None:
         """Create partitions ahead and apply retention, if no other replica is doing it."""
@@ -303,11 +378,20 @@ class Projector:
 
     async def _maintenance_loop(self, stop: asyncio.Event) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._maintenance_interval_s)
+            await _wait(stop, self._maintenance_interval_s)
             if stop.is_set():
                 return
             try:
                 await self.maintain_partitions()
-            except (asyncpg.PostgresError, OSError) as exc:
+            except _DB_ERRORS as exc:
                 log.warning("partition maintenance failed: %s", exc)
+
+
+class _StoppedError(Exception):
+    """A write was still failing when the service was asked to stop."""
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if `stop` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -51,6 +51,12 @@ class ApiSettings(KafkaSettings, DatabaseSettings, CityMetricsSettings):
         le=60_000,
         description="How often written offsets are committed (a crash replays at most this).",
     )
+    api_projector_stall_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="/readyz fails when the projector has not completed a fetch for this long.",
+    )
     api_partitions_ahead_days: int = Field(default=3, ge=1, le=60)
     api_maintenance_interval_s: float = Field(default=3600.0, gt=0, le=86_400)
     api_retention_streetlight_days: int = Field(

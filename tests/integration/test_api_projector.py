@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from cityops.api.metrics import create_metrics
@@ -17,6 +17,7 @@ from cityops.api.projection import fold, telemetry_row
 from cityops.api.projector import Projector, write_batch
 from cityops.common.events import StatusEvent, encode_status
 from cityops.common.kinds import Kind
+from cityops.common.setaside import SetAside
 from tests.helpers import wait_for
 from tests.integration.api_support import api_settings, produce, run_api, telemetry
 
@@ -268,7 +269,9 @@ async def test_offsets_committed_after_the_writes_and_on_stop(
     database_url: str, kafka_bootstrap: str, kafka_topics: Any
 ) -> None:
     """Commits are coalesced over an interval; stopping commits what was written."""
-    topics = await kafka_topics("city.telemetry.v1", "city.status.v1", partitions=3)
+    topics = await kafka_topics(
+        "city.telemetry.v1", "city.status.v1", "city.deadletter.v1", partitions=3
+    )
     telemetry_topic = topics["city.telemetry.v1"]
     devices = [f"sl-{uuid.uuid4().hex[:8]}" for _ in range(20)]
     for device_id in devices:
@@ -285,13 +288,22 @@ async def test_offsets_committed_after_the_writes_and_on_stop(
     )
     group = f"api-projector-{uuid.uuid4().hex[:8]}"
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    metrics = create_metrics(CollectorRegistry())
     projector = Projector(
+        set_aside=SetAside(
+            producer=producer,
+            topic=topics["city.deadletter.v1"],
+            consumer=group,
+            counter=metrics.projector_set_aside,
+        ),
         pool=pool,
         bootstrap=kafka_bootstrap,
         topics=[telemetry_topic, topics["city.status.v1"]],
         telemetry_topic=telemetry_topic,
         group_id=group,
-        metrics=create_metrics(CollectorRegistry()),
+        metrics=metrics,
         batch_max=7,  # many small batches, far fewer commits
         commit_interval_s=0.5,
         fetch_timeout_ms=100,
@@ -307,6 +319,7 @@ async def test_offsets_committed_after_the_writes_and_on_stop(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+        await producer.stop()
     try:
         seqs = await pool.fetch("SELECT device_id, seq FROM device_state")
         assert {r["device_id"]: r["seq"] for r in seqs} == dict.fromkeys(devices, 3)
