@@ -2,7 +2,11 @@
 
 One task drives everything: `getmany` waits for records or the next deadline, a batch is
 evaluated in memory, its effects are written in one PostgreSQL transaction, then the ticket
-events are produced (from the outbox). The Kafka offsets of written batches are committed at
+events are produced (from the outbox). A record that is not a reading or status message, or
+whose effects PostgreSQL refuses for their data, is set aside on the dead-letter topic and the
+loop moves on: a batch refused for its data is rolled back and replayed one record at a time,
+so the record at fault is found, set aside and skipped from then on. An outage is retried.
+The Kafka offsets of written batches are committed at
 most once per commit interval (and at a revocation or a clean stop): the committed offset is
 never ahead of the database, so a crash replays at most an interval of records, which decide
 nothing again (below). A rebalance
@@ -29,7 +33,7 @@ import time
 from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -43,6 +47,7 @@ from aiokafka.structs import OffsetAndMetadata
 from cityops.common.events import decode_status
 from cityops.common.kinds import KINDS, Kind, Priority
 from cityops.common.registry import DEFAULT_REPORTING_INTERVAL_S, Device, load_devices
+from cityops.common.setaside import UNDECODABLE, UNPROCESSABLE, SetAside, describe, is_data_error
 from cityops.rules import engine, store
 from cityops.rules.config import RuleSet
 from cityops.rules.engine import (
@@ -81,6 +86,19 @@ _CAUGHT_UP_RECORDS = 500
 _MAX_BACKOFF_S = 5.0
 _ENVELOPE = ("device_id", "kind", "seq", "ts", "received_at", "ingest_id")
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# What evaluating or writing a record's effects can fail with when the record is at fault.
+_DATA_ERRORS = (ValueError, TypeError, OverflowError, KeyError)
+# Timestamps every store accepts (PostgreSQL timestamptz, Python datetime in UTC).
+_MIN_TS = datetime(1970, 1, 2, tzinfo=UTC).timestamp()
+_MAX_TS = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+_MAX_SEQ = 2**63 - 1
+
+
+_NONE = OffsetAndMetadata(-1, "")
+
+
+class _IsolatedError(Exception):
+    """A record refused for its data was set aside: reload state and replay without it."""
 
 
 class BadRecordError(ValueError):
@@ -98,8 +116,12 @@ def decode_observation(value: bytes | None) -> Observation:
         received_at = datetime.fromisoformat(body["received_at"]).timestamp()
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise BadRecordError(f"not a telemetry record: {exc}") from exc
-    if not isinstance(device_id, str) or kind not in KINDS or type(seq) is not int or seq < 0:
+    if not isinstance(device_id, str) or kind not in KINDS or type(seq) is not int:
         raise BadRecordError("bad device_id, kind or seq")
+    if not 0 <= seq <= _MAX_SEQ:
+        raise BadRecordError("seq out of range")
+    if not (_MIN_TS <= ts <= _MAX_TS and _MIN_TS <= received_at <= _MAX_TS):
+        raise BadRecordError("timestamp out of range")
     for name in _ENVELOPE:
         body.pop(name, None)
     return Observation(device_id, Kind(kind), seq, ts, received_at, body)
@@ -141,8 +163,17 @@ class RulesWorker:
         consumer: AIOKafkaConsumer,
         publisher: TicketPublisher,
         metrics: RulesMetrics,
+        set_aside: SetAside,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._set_aside = set_aside
+        # Records set aside, skipped when a rewind replays them (pruned once committed past).
+        self._parked: set[tuple[str, int, int]] = set()
+        # After a batch was refused for its data: replay up to these offsets one by one.
+        self._isolate: dict[TopicPartition, int] = {}
+        # Undecodable records of the batch being decided, dead-lettered after its commit.
+        self._undecodable: list[tuple[ConsumerRecord, str]] = []
+        self._progress_at = time.monotonic()
         self._settings = settings
         self._pool = pool
         self._consumer = consumer
@@ -173,12 +204,19 @@ class RulesWorker:
         self._kafka_ok = False
         self.processed = 0
         self.batches = 0
+        self.failed = False  # the loop ended on an unexpected error (the service exits)
 
     # Readiness and lifecycle ----------------------------------------------------------------
 
     def readiness(self) -> dict[str, bool]:
-        """Dependencies as /readyz reports them."""
-        return {"database": self._db_ok, "kafka": self._kafka_ok, "group_joined": self._joined}
+        """Dependencies, and whether the loop is turning (a batch or an idle fetch lately)."""
+        stalled = time.monotonic() - self._progress_at > self._settings.rules_stall_s
+        return {
+            "database": self._db_ok,
+            "kafka": self._kafka_ok,
+            "group_joined": self._joined,
+            "consumer": not stalled and not self.failed,
+        }
 
     def listener(self) -> ConsumerRebalanceListener:
         """The rebalance listener to subscribe with."""
@@ -220,14 +258,25 @@ class RulesWorker:
                         # what the database and the committed offsets agree on.
                         await self._rewind()
                         continue
-                    await self._batch(batch)
+                    if self._isolate:
+                        await self._batch_one_by_one(batch)
+                    else:
+                        await self._batch(batch)
                     if (
                         time.monotonic() - self._committed_at
                         >= self._settings.rules_commit_interval_ms / 1000
                     ):
                         await self._commit_offsets()
                 backoff = 0.1
-            except (*_DB_ERRORS, store.StateConflictError, KafkaError) as exc:
+                self._progress_at = time.monotonic()
+            except _IsolatedError:
+                await self._recover(stop)  # the record at fault is parked: replay without it
+            except (*_DB_ERRORS, *_DATA_ERRORS, store.StateConflictError, KafkaError) as exc:
+                if is_data_error(exc):
+                    # The batch's data was refused: roll back, replay it one record at a time.
+                    self._isolate_batch(batch, exc)
+                    await self._recover(stop)
+                    continue
                 if isinstance(exc, store.StateConflictError):
                     self._metrics.state_conflicts.inc()
                 elif isinstance(exc, KafkaError):
@@ -240,6 +289,40 @@ class RulesWorker:
                 await _wait(stop, backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 await self._recover(stop)
+
+    def _isolate_batch(
+        self, batch: Mapping[TopicPartition, list[ConsumerRecord]], exc: BaseException
+    ) -> None:
+        for tp, messages in batch.items():
+            if messages:
+                self._isolate[tp] = max(self._isolate.get(tp, -1), messages[-1].offset)
+        log.warning(
+            "a batch was refused for its data; replaying it one record at a time: %s",
+            describe(exc),
+            extra={"records": sum(len(m) for m in batch.values())},
+        )
+
+    async def _batch_one_by_one(self, batch: Mapping[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Decide a batch record by record; the first one refused for its data is set aside.
+
+        Then _IsolatedError: the in-memory state may hold that record's effects, so the caller
+        reloads state and rewinds; the replay skips the parked record.
+        """
+        for tp, messages in batch.items():
+            for message in messages:
+                try:
+                    await self._batch({tp: [message]})
+                except (*_DB_ERRORS, *_DATA_ERRORS) as exc:
+                    if not is_data_error(exc):
+                        raise
+                    await self._park(message, reason=UNPROCESSABLE, detail=describe(exc))
+                    raise _IsolatedError from exc
+            if messages and self._isolate.get(tp, -1) <= messages[-1].offset:
+                self._isolate.pop(tp, None)
+
+    async def _park(self, message: ConsumerRecord, *, reason: str, detail: str) -> None:
+        await self._set_aside(message, reason=reason, detail=detail)
+        self._parked.add((message.topic, message.partition, message.offset))
 
     async def close(self) -> None:
         """Settle published events; persist liveness of held devices (exact offline restarts)."""
@@ -483,6 +566,7 @@ class RulesWorker:
 
     async def _batch(self, batch: Mapping[TopicPartition, list[ConsumerRecord]]) -> None:
         started = time.perf_counter()
+        self._undecodable.clear()  # left over from a batch that failed
         await self._refresh_for_unknown(batch)
         fx = Effects()
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
@@ -506,6 +590,10 @@ class RulesWorker:
         self._fire_timers(self._clock(), fx)
         if offsets or fx.decisions or fx.dirty or fx.timers:
             await self._commit(fx, offsets)
+        while self._undecodable:
+            message, detail = self._undecodable[0]
+            await self._park(message, reason=UNDECODABLE, detail=detail)
+            self._undecodable.pop(0)
         for (topic, outcome), count in outcomes.items():
             self._metrics.events.labels(topic, outcome).inc(count)
         if records:
@@ -518,21 +606,15 @@ class RulesWorker:
         self._metrics.timers.set(len(self._timers))
 
     def _apply(self, message: ConsumerRecord, *, status: bool, fx: Effects) -> str:
+        if self._parked and (message.topic, message.partition, message.offset) in self._parked:
+            return "set_aside"  # replayed after a rewind; already dead-lettered
         try:
             if status:
                 event = decode_status_observation(message.value, message.offset)
             else:
                 obs = decode_observation(message.value)
         except BadRecordError as exc:
-            log.warning(
-                "skipped a record that is not a valid event: %s",
-                exc,
-                extra={
-                    "topic": message.topic,
-                    "partition": message.partition,
-                    "offset": message.offset,
-                },
-            )
+            self._undecodable.append((message, describe(exc)))  # set aside after the commit
             return "invalid"
         device_id, kind = (event.device_id, event.kind) if status else (obs.device_id, obs.kind)
         state = self._states.get(device_id)
@@ -640,6 +722,12 @@ class RulesWorker:
             return
         try:
             await self._consumer.commit(offsets)
+            if self._parked:
+                self._parked = {
+                    (topic, partition, offset)
+                    for topic, partition, offset in self._parked
+                    if offset >= offsets.get(TopicPartition(topic, partition), _NONE).offset
+                }
         except KafkaError as exc:  # CommitFailedError after a rebalance, or a broker error
             # The database already holds these batches; whoever reads them next replays them
             # harmlessly (seq guards, fenced state).

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from cityops.common.kafka import ensure_topics
 from cityops.common.logs import configure_logging
 from cityops.common.ops import serve_ops, stop_on_signals
+from cityops.common.setaside import SetAside
 from cityops.rules.config import RuleFileError, RuleSet, load_rules
 from cityops.rules.consumer import RulesWorker
 from cityops.rules.metrics import create_metrics
@@ -66,7 +67,12 @@ async def run(
     await ensure_topics(
         settings.kafka_bootstrap,
         topics=dict.fromkeys(
-            (settings.topic_telemetry, settings.topic_status, settings.topic_tickets),
+            (
+                settings.topic_telemetry,
+                settings.topic_status,
+                settings.topic_tickets,
+                settings.topic_deadletter,
+            ),
             settings.topic_partitions,
         ),
     )
@@ -113,6 +119,12 @@ async def run(
         consumer=consumer,
         publisher=publisher,
         metrics=metrics,
+        set_aside=SetAside(
+            producer=producer,
+            topic=settings.topic_deadletter,
+            consumer=settings.rules_group,
+            counter=metrics.set_aside,
+        ),
     )
     try:
         async with serve_ops(
@@ -138,7 +150,14 @@ async def run(
             )
             if ready is not None:
                 ready.set()
-            await worker.run(stop)
+            try:
+                await worker.run(stop)
+            except Exception:
+                # Nothing in the data or an outage ends the loop; a bug does. /readyz turns red,
+                # and the process exits non-zero so its supervisor restarts it.
+                worker.failed = True
+                log.exception("the rules loop ended unexpectedly; stopping")
+                return 1
             # graceful: the batch in flight is done; persist liveness and leave the group
             async with asyncio.timeout(settings.shutdown_timeout_s):
                 await worker.close()

@@ -29,6 +29,7 @@ class RulesMetrics:
     errors: Counter
     events_published: Counter
     override_problems: Counter
+    set_aside: Counter
 
 
 def create_metrics(registry: CollectorRegistry) -> RulesMetrics:
@@ -134,6 +135,12 @@ def create_metrics(registry: CollectorRegistry) -> RulesMetrics:
         override_problems=Counter(
             "cityops_rules_override_problems_total",
             "Invalid rule overrides found in registry metadata (ignored)",
+            registry=registry,
+        ),
+        set_aside=Counter(
+            "cityops_rules_set_aside_total",
+            "Records rules could not process, produced to the dead-letter topic, by reason",
+            ["reason"],
             registry=registry,
         ),
     )

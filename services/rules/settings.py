@@ -42,6 +42,13 @@ class RulesSettings(KafkaSettings, DatabaseSettings, MetricsSettings):
         description="Offsets are committed at most this often (0: after every batch).",
     )
 
+    rules_stall_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="/readyz fails when the consumer loop has not completed a turn for this long.",
+    )
+
     @field_validator("city_tz")
     @classmethod
     def _known_zone(cls, value: str) -> str:

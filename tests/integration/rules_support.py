@@ -44,6 +44,7 @@ class RulesEnv:
             "topic_telemetry": self.topics["city.telemetry.v1"],
             "topic_status": self.topics["city.status.v1"],
             "topic_tickets": self.topics["city.tickets.v1"],
+            "topic_deadletter": self.topics["city.deadletter.v1"],
             "topic_partitions": 3,
             "rules_group": self.group,
             "metrics_port": 0,
@@ -63,6 +64,7 @@ class RulesEnv:
             "CITYOPS_TOPIC_TELEMETRY": self.topics["city.telemetry.v1"],
             "CITYOPS_TOPIC_STATUS": self.topics["city.status.v1"],
             "CITYOPS_TOPIC_TICKETS": self.topics["city.tickets.v1"],
+            "CITYOPS_TOPIC_DEADLETTER": self.topics["city.deadletter.v1"],
             "CITYOPS_TOPIC_PARTITIONS": "3",
             "CITYOPS_RULES_GROUP": self.group,
             "CITYOPS_METRICS_PORT": "0",
@@ -76,7 +78,7 @@ class RulesEnv:
 async def make_rules_env(kafka_topics: Any, kafka_bootstrap: str, database_url: str) -> RulesEnv:
     """Topics (3 partitions each) and a group for one test."""
     topics = await kafka_topics(
-        "city.telemetry.v1", "city.status.v1", "city.tickets.v1", partitions=3
+        "city.telemetry.v1", "city.status.v1", "city.tickets.v1", "city.deadletter.v1", partitions=3
     )
     return RulesEnv(kafka_bootstrap, database_url, topics, f"rules-test-{uuid.uuid4().hex[:10]}")
 

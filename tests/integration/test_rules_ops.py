@@ -54,7 +54,12 @@ async def test_readyz_metrics_and_sigterm(
                 return response.json() if response.status_code == 200 else None
 
             body = await wait_for(ready, timeout=30, interval=0.2, message="/readyz 200")
-            assert body["checks"] == {"database": True, "kafka": True, "group_joined": True}
+            assert body["checks"] == {
+                "database": True,
+                "kafka": True,
+                "group_joined": True,
+                "consumer": True,
+            }
             device_id = f"wb-{uuid.uuid4().hex[:8]}"
             async with Feed(env) as feed:
                 await feed.readings([reading(device_id, Kind.WASTEBIN, 1, fill_pct=99.0)])
