@@ -25,8 +25,10 @@ class StackPaths:
 
     @property
     def root(self) -> Path:
-        """`.stack/`: all data, git-ignored."""
-        return self.repo / ".stack"
+        """`.stack/`: all data, git-ignored; resolved, so a checkout whose `.stack` is a symlink
+        (a git worktree sharing main's stack) names the same files as the servers' command
+        lines, and its `stack status` never takes the running servers for stale pid files."""
+        return (self.repo / ".stack").resolve()
 
     @property
     def deploy(self) -> Path:

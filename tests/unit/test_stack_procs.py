@@ -109,3 +109,24 @@ def test_reset_needs_confirmation_and_keeps_the_lock(paths: StackPaths) -> None:
     assert paths.secrets_file.exists()
     assert stack_main._dispatch("reset", paths, confirmed=True) == 0
     assert list(paths.root.iterdir()) == [paths.run]
+
+
+def test_a_worktree_sharing_the_stack_by_symlink_sees_its_servers_running(tmp_path: Path) -> None:
+    # /work/wt/<name>/.stack -> /work/main/.stack: a status check from the worktree must not
+    # take main's running servers for stale pid files (and delete them).
+    main_repo, worktree = tmp_path / "main", tmp_path / "wt"
+    main_paths = StackPaths(repo=main_repo)
+    main_paths.ensure()
+    worktree.mkdir()
+    (worktree / ".stack").symlink_to(main_repo / ".stack")
+    conf = main_paths.root / "server.conf"
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(conf)])
+    try:
+        main_paths.pid_file("kafka").write_text(f"{server.pid}\n")
+        marker = str(StackPaths(repo=worktree).root / "server.conf")
+        spec = ServerSpec(name="kafka", argv=[], marker=marker, ports=(), cwd=tmp_path)
+        assert running_pid(StackPaths(repo=worktree), spec) == server.pid
+        assert main_paths.pid_file("kafka").exists()
+    finally:
+        server.kill()
+        server.wait()
