@@ -32,12 +32,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import orjson
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from prometheus_client import CollectorRegistry
 
 from cityops.api.metrics import create_metrics
 from cityops.api.projector import Projector
+from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_producer
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.scratch import drop_database
@@ -158,10 +158,8 @@ def _records(devices: int, per_device: int, now: datetime) -> list[tuple[str, by
     return records
 
 
-async def _produce(bootstrap: str, topic: str, records: list[tuple[str, bytes]]) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024, acks=1
-    )
+async def _produce(kafka: KafkaAccess, topic: str, records: list[tuple[str, bytes]]) -> None:
+    producer = kafka_producer(kafka, linger_ms=20, max_batch_size=512 * 1024, acks=1)
     await producer.start()
     try:
         for key, value in records:
@@ -172,13 +170,13 @@ async def _produce(bootstrap: str, topic: str, records: list[tuple[str, bytes]])
 
 
 async def _drain(
-    url: str, *, bootstrap: str, topics: Mapping[str, str], total: int, tag: str
+    url: str, *, kafka: KafkaAccess, topics: Mapping[str, str], total: int, tag: str
 ) -> dict[str, float]:
     """Run the real projector until it has committed `total` records."""
     pool = await asyncpg.create_pool(
         url, min_size=2, max_size=4, server_settings={"timezone": "UTC"}
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = kafka_producer(kafka, acks="all")
     await producer.start()
     metrics = create_metrics(CollectorRegistry())
     projector = Projector(
@@ -189,7 +187,7 @@ async def _drain(
             counter=metrics.projector_set_aside,
         ),
         pool=pool,
-        bootstrap=bootstrap,
+        access=kafka,
         topics=[topics["telemetry"], topics["status"]],
         telemetry_topic=topics["telemetry"],
         group_id=f"api-projector-bench-{tag}",
@@ -446,12 +444,12 @@ async def _api_process(env: Mapping[str, str]) -> AsyncIterator[str]:
             process.wait()
 
 
-async def _topics(bootstrap: str, tag: str) -> dict[str, str]:
+async def _topics(kafka: KafkaAccess, tag: str) -> dict[str, str]:
     names = {
         name: f"bench.api.{name}.{tag}"
         for name in ("telemetry", "status", "tickets", "devices", "deadletter")
     }
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka_admin(kafka)
     await admin.start()
     try:
         await admin.create_topics(
@@ -462,8 +460,8 @@ async def _topics(bootstrap: str, tag: str) -> dict[str, str]:
     return names
 
 
-async def _delete_topics(bootstrap: str, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def _delete_topics(kafka: KafkaAccess, names: list[str]) -> None:
+    admin = kafka_admin(kafka)
     await admin.start()
     try:
         await admin.delete_topics(names)
@@ -550,18 +548,18 @@ async def run_api_bench(
     duration_s = duration_s or (5.0 if quick else 20.0)
     per_device = 2
     tag = uuid.uuid4().hex[:8]
-    bootstrap = env["CITYOPS_KAFKA_BOOTSTRAP"]
+    kafka = KafkaAccess.from_env(env, principal="admin")
     key = f"bench-{uuid.uuid4().hex}"
     now = datetime.now(UTC).replace(microsecond=0)
     results: dict[str, Any] = {"devices": devices, "rate_target_req_per_s": rate}
-    topics = await _topics(bootstrap, tag)
+    topics = await _topics(kafka, tag)
     try:
         async with _database(env["CITYOPS_DATABASE_URL"], f"bench_api_{tag}") as url:
             await _seed(url, devices=devices, now=now)
             records = _records(devices, per_device, now)
-            await _produce(bootstrap, topics["telemetry"], records)
+            await _produce(kafka, topics["telemetry"], records)
             results.update(
-                await _drain(url, bootstrap=bootstrap, topics=topics, total=len(records), tag=tag)
+                await _drain(url, kafka=kafka, topics=topics, total=len(records), tag=tag)
             )
             results.update(await _copy_baseline(url, records))
             results["ratio_to_baseline"] = round(
@@ -570,7 +568,7 @@ async def run_api_bench(
             )
             api_env = {
                 "CITYOPS_DATABASE_URL": url,
-                "CITYOPS_KAFKA_BOOTSTRAP": bootstrap,
+                **kafka.env(),
                 "CITYOPS_API_BOOTSTRAP_KEY": key,
                 **{f"CITYOPS_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
             }
@@ -593,7 +591,7 @@ async def run_api_bench(
                     results["loadgen_full_gc_max_ms"] = round(max(pauses, default=0.0), 1)
                     results.update(await _import(base, key, count=10_000))
     finally:
-        await _delete_topics(bootstrap, list(topics.values()))
+        await _delete_topics(kafka, list(topics.values()))
     return results
 
 

@@ -35,7 +35,7 @@ from cityops.api.publisher import EventPublisher
 from cityops.api.settings import ApiSettings
 from cityops.api.stream import Broadcaster
 from cityops.common.city_metrics import run_city_metrics
-from cityops.common.kafka import ensure_topics
+from cityops.common.kafka import KafkaAccess, ensure_topics, kafka_producer
 from cityops.common.logs import configure_logging
 from cityops.common.ops import TaskSupervisor, stop_on_signals
 from cityops.common.setaside import SetAside
@@ -94,8 +94,8 @@ async def start_producer(settings: ApiSettings, stop: asyncio.Event) -> AIOKafka
     """An idempotent producer (acks=all), retried until Kafka answers or stop is set."""
     delay = 0.5
     while True:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
+        producer = kafka_producer(
+            KafkaAccess.from_settings(settings),
             client_id=f"cityops-api-{settings.instance_id}",
             acks="all",
             enable_idempotence=True,
@@ -197,7 +197,7 @@ def build_context(
             sweep_interval_s=settings.api_outbox_sweep_s,
         ),
         broadcaster=Broadcaster(
-            bootstrap=settings.kafka_bootstrap,
+            access=KafkaAccess.from_settings(settings),
             topics={
                 "telemetry": settings.topic_telemetry,
                 "status": settings.topic_status,
@@ -227,7 +227,7 @@ def build_projector(
         ),
         stall_s=settings.api_projector_stall_s,
         pool=pool,
-        bootstrap=settings.kafka_bootstrap,
+        access=KafkaAccess.from_settings(settings),
         topics=[settings.topic_telemetry, settings.topic_status],
         telemetry_topic=settings.topic_telemetry,
         group_id=settings.api_projector_group,
@@ -258,7 +258,7 @@ async def running_service(
     supervisor = supervisor if supervisor is not None else TaskSupervisor(stop)
     metrics = create_metrics(registry)
     await ensure_topics(
-        settings.kafka_bootstrap,
+        KafkaAccess.from_settings(settings),
         topics=dict.fromkeys(
             (
                 settings.topic_telemetry,

@@ -32,6 +32,7 @@ from cityops.api.db import Conn
 from cityops.api.metrics import ApiMetrics
 from cityops.api.projection import ProjectionBatch, ReadingRow, fold, telemetry_row
 from cityops.common.events import StatusEvent, decode_status
+from cityops.common.kafka import KafkaAccess, kafka_consumer
 from cityops.common.kinds import Kind
 from cityops.common.setaside import UNDECODABLE, UNPROCESSABLE, SetAside, describe, is_data_error
 
@@ -98,7 +99,7 @@ class Projector:
         self,
         *,
         pool: asyncpg.Pool,
-        bootstrap: str,
+        access: KafkaAccess,
         topics: Sequence[str],
         telemetry_topic: str,
         group_id: str,
@@ -119,7 +120,7 @@ class Projector:
         self._lanes = write_lanes
         self._commit_interval_s = commit_interval_s
         self._pool = pool
-        self._bootstrap = bootstrap
+        self._access = access
         self._topics = list(topics)
         self._telemetry_topic = telemetry_topic
         self._group_id = group_id
@@ -157,9 +158,9 @@ class Projector:
             # Rows for a missing day land in readings_default: nothing is lost meanwhile.
             log.error("creating readings partitions failed: %s", exc)  # noqa: TRY400
         self._progress_at = time.monotonic()
-        consumer = AIOKafkaConsumer(
+        consumer = kafka_consumer(
+            self._access,
             *self._topics,
-            bootstrap_servers=self._bootstrap,
             group_id=self._group_id,
             client_id=self._client_id,
             enable_auto_commit=False,

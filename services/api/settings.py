@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, SecretStr
 
@@ -21,6 +22,8 @@ DEFAULT_RETENTION_DAYS: dict[Kind, int] = {
 
 class ApiSettings(KafkaSettings, DatabaseSettings, CityMetricsSettings):
     """Everything `cityops api` reads from `CITYOPS_*` environment variables."""
+
+    kafka_principal: ClassVar[str] = "api"  # CITYOPS_API_KAFKA_USERNAME etc.
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)

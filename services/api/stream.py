@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from cityops.api.metrics import ApiMetrics
+from cityops.common.kafka import KafkaAccess, kafka_consumer
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class Broadcaster:
     def __init__(
         self,
         *,
-        bootstrap: str,
+        access: KafkaAccess,
         topics: Mapping[str, str],
         pool: asyncpg.Pool,
         metrics: ApiMetrics,
@@ -204,7 +205,7 @@ class Broadcaster:
         fetch_max_wait_ms: int = 25,
     ) -> None:
         self._fetch_max_wait_ms = fetch_max_wait_ms
-        self._bootstrap = bootstrap
+        self._access = access
         self._topics = dict(topics)
         self._pool = pool
         self._metrics = metrics
@@ -226,9 +227,9 @@ class Broadcaster:
         )
 
     def _consumer(self) -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(
+        return kafka_consumer(
+            self._access,
             *self._topics.values(),
-            bootstrap_servers=self._bootstrap,
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="latest",

@@ -42,9 +42,10 @@ import asyncpg
 import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 
 from cityops.bench.stats import percentile
+from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_consumer
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.mqtt_sessions import purge_session
@@ -434,7 +435,7 @@ async def run_e2e_bench(  # noqa: PLR0915 - one setup/measure/teardown script re
     """Run the end-to-end benchmark; returns one result per window and the pooled summary."""
     tag = uuid.uuid4().hex[:8]
     prefix = f"e2e{tag}-"
-    bootstrap = env["CITYOPS_KAFKA_BOOTSTRAP"]
+    kafka = KafkaAccess.from_env(env, principal="admin")
     admin_url = env["CITYOPS_DATABASE_URL"]
     db_name = f"bench_e2e_{tag}"
     db_url = _with_database(admin_url, db_name)
@@ -484,9 +485,9 @@ async def run_e2e_bench(  # noqa: PLR0915 - one setup/measure/teardown script re
     }
     services: list[Service] = []
     admin_db = await asyncpg.connect(admin_url)
-    admin_kafka = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin_kafka = kafka_admin(kafka)
     await admin_kafka.start()
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    consumer = kafka_consumer(kafka)
     http = httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{ports['api']}",
         headers={"Authorization": f"Bearer {api_key}"},

@@ -23,11 +23,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import TopicPartition
+from aiokafka.admin import NewTopic
 from paho.mqtt.client import Client, MQTTMessageInfo
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_consumer, kcat_args
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.mqtt_sessions import purge_session
@@ -115,8 +116,8 @@ def _publish(
     return elapsed
 
 
-async def _topic_count(bootstrap: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+async def _topic_count(kafka: KafkaAccess, topic: str) -> int:
+    consumer = kafka_consumer(kafka)
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
@@ -129,11 +130,13 @@ async def _topic_count(bootstrap: str, topic: str) -> int:
         await consumer.stop()
 
 
-async def _wait_count(bootstrap: str, topic: str, target: int, timeout_s: float) -> float | None:
+async def _wait_count(
+    kafka: KafkaAccess, topic: str, target: int, timeout_s: float
+) -> float | None:
     """Seconds (monotonic) at which `topic` held `target` records, None on timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if await _topic_count(bootstrap, topic) >= target:
+        if await _topic_count(kafka, topic) >= target:
             return time.monotonic()
         await asyncio.sleep(0.1)
     return None
@@ -156,7 +159,7 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
     With `replicas` > 1, that many ingest processes (one share group, own sessions, all queued
     before publishing) drain together; CPU is their sum, RSS the largest."""
     tag = uuid.uuid4().hex[:8]
-    bootstrap = env["CITYOPS_KAFKA_BOOTSTRAP"]
+    kafka = KafkaAccess.from_env(env, principal="admin")
     mqtt = urlsplit(env["CITYOPS_MQTT_URL"])
     host, port = mqtt.hostname or "127.0.0.1", mqtt.port or 1883
     ingest_user = env["CITYOPS_INGEST_MQTT_USERNAME"]
@@ -175,7 +178,7 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
     db_name = f"bench_ingest_{tag}"
     db_url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{db_name}"))
     admin_db = await asyncpg.connect(admin_url)
-    admin_kafka = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin_kafka = kafka_admin(kafka)
     await admin_kafka.start()
     results: dict[str, Any] = {
         "count": count,
@@ -262,7 +265,7 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
             for client_id in client_ids
         ]
         try:
-            done = await _wait_count(bootstrap, topics["telemetry"], count, timeout_s)
+            done = await _wait_count(kafka, topics["telemetry"], count, timeout_s)
             cpu_s = sum(_proc_cpu_s(process.pid) for process in processes)
             peak = max(_proc_peak_rss(process.pid) for process in processes)
         finally:
@@ -278,7 +281,7 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
             results["ingest_msgs_per_s"] = round(count / wall)
             results["ingest_cpu_s_per_100k"] = round(cpu_s * 100_000 / count, 2)
             results["ingest_peak_rss_mb"] = round(peak / 2**20, 1)
-        results["deadletter_records"] = await _topic_count(bootstrap, topics["deadletter"])
+        results["deadletter_records"] = await _topic_count(kafka, topics["deadletter"])
 
         # --- baseline: mosquitto_sub | kcat -P -----------------------------------------
         if baseline:
@@ -287,16 +290,17 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
                 "-i", base_client, "-c", "-q", "1", "-t", f"$share/{base_group}/{share}",
                 "-C", str(count),
             ]  # fmt: skip
-            kcat = ["kcat", "-P", "-b", bootstrap, "-t", topics["baseline"], "-z", "lz4"]
-            read_end, write_end = os.pipe()
-            started = time.monotonic()
-            producer = await asyncio.create_subprocess_exec(*kcat, stdin=read_end)
-            consumer = await asyncio.create_subprocess_exec(*sub, stdout=write_end)
-            os.close(read_end)
-            os.close(write_end)
-            await asyncio.wait_for(consumer.wait(), timeout_s)
-            await asyncio.wait_for(producer.wait(), timeout_s)
-            done = await _wait_count(bootstrap, topics["baseline"], count, 60)
+            with kcat_args(kafka) as broker:
+                kcat = ["kcat", "-P", *broker, "-t", topics["baseline"], "-z", "lz4"]
+                read_end, write_end = os.pipe()
+                started = time.monotonic()
+                producer = await asyncio.create_subprocess_exec(*kcat, stdin=read_end)
+                consumer = await asyncio.create_subprocess_exec(*sub, stdout=write_end)
+                os.close(read_end)
+                os.close(write_end)
+                await asyncio.wait_for(consumer.wait(), timeout_s)
+                await asyncio.wait_for(producer.wait(), timeout_s)
+            done = await _wait_count(kafka, topics["baseline"], count, 60)
             if done is not None:
                 wall = done - started
                 results["baseline_wall_s"] = round(wall, 2)

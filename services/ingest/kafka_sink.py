@@ -24,6 +24,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
+from cityops.common.kafka import KafkaAccess, kafka_producer
+
 log = logging.getLogger(__name__)
 
 
@@ -138,14 +140,14 @@ class KafkaSink:
     def __init__(
         self,
         *,
-        bootstrap: str,
+        access: KafkaAccess,
         client_id: str,
         compression: str,
         max_batch_bytes: int,
         request_timeout_ms: int,
     ) -> None:
+        self._access = access
         self._options: dict[str, Any] = {
-            "bootstrap_servers": bootstrap,
             "client_id": client_id,
             "acks": "all",
             "enable_idempotence": True,
@@ -163,7 +165,7 @@ class KafkaSink:
         """Connect, retrying with backoff until connected (True) or `stop` is set (False)."""
         delay = 0.5
         while not stop.is_set():
-            producer = AIOKafkaProducer(**self._options)
+            producer = kafka_producer(self._access, **self._options)
             try:
                 await producer.start()
             except (KafkaError, OSError) as exc:
@@ -176,9 +178,7 @@ class KafkaSink:
                 continue
             self._producer = producer
             self.started = True
-            log.info(
-                "kafka producer started", extra={"bootstrap": self._options["bootstrap_servers"]}
-            )
+            log.info("kafka producer started", extra={"bootstrap": self._access.bootstrap})
             return True
         return False
 

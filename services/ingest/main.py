@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry
 
-from cityops.common.kafka import ensure_topics
+from cityops.common.kafka import KafkaAccess, ensure_topics
 from cityops.common.logs import configure_logging
 from cityops.common.mqtt_sessions import purge_session
 from cityops.common.ops import serve_ops, stop_on_signals
@@ -72,7 +72,7 @@ async def run(settings: IngestSettings, *, stop: asyncio.Event | None = None) ->
         clock_skew_s=settings.ingest_clock_skew_s,
     )
     sink = KafkaSink(
-        bootstrap=settings.kafka_bootstrap,
+        access=KafkaAccess.from_settings(settings),
         client_id=f"ingest-{settings.instance_id}",
         compression=settings.ingest_kafka_compression,
         max_batch_bytes=settings.ingest_kafka_max_batch_bytes,
@@ -93,7 +93,7 @@ async def run(settings: IngestSettings, *, stop: asyncio.Event | None = None) ->
         else None
     )
     follower = DevicesFollower(
-        bootstrap=settings.kafka_bootstrap,
+        access=KafkaAccess.from_settings(settings),
         topic=settings.topic_devices,
         client_id=f"ingest-registry-{settings.instance_id}",
         cache=cache,
@@ -216,7 +216,7 @@ async def _ensure_output_topics(settings: IngestSettings, topics: OutputTopics) 
     """Create the output topics if missing (a no-op when deployment created them)."""
     with contextlib.suppress(Exception):  # best effort: the producer's metadata wait reports it
         await ensure_topics(
-            settings.kafka_bootstrap,
+            KafkaAccess.from_settings(settings),
             topics=dict.fromkeys(
                 (topics.telemetry, topics.status, topics.deadletter), settings.topic_partitions
             ),

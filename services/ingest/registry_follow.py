@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
+from cityops.common.kafka import KafkaAccess, kafka_consumer
 from cityops.common.kinds import Kind
 from cityops.common.topics import is_valid_device_id
 from cityops.ingest.metrics import IngestMetrics
@@ -105,13 +106,13 @@ class DevicesFollower:
     def __init__(
         self,
         *,
-        bootstrap: str,
+        access: KafkaAccess,
         topic: str,
         client_id: str,
         cache: RegistryCache,
         metrics: IngestMetrics,
     ) -> None:
-        self._bootstrap = bootstrap
+        self._access = access
         self._topic = topic
         self._client_id = client_id
         self._cache = cache
@@ -127,9 +128,9 @@ class DevicesFollower:
             # Subscribed without a group: aiokafka assigns every partition of the topic (and
             # new ones when the partition count grows); "earliest" only applies to partitions
             # without a position, i.e. added later, whose records are all new.
-            consumer = AIOKafkaConsumer(
+            consumer = kafka_consumer(
+                self._access,
                 self._topic,
-                bootstrap_servers=self._bootstrap,
                 client_id=self._client_id,
                 group_id=None,
                 enable_auto_commit=False,
@@ -169,7 +170,7 @@ class DevicesFollower:
 
     async def _topic_exists(self) -> bool:
         """Whether the broker lists the devices topic (one metadata request)."""
-        probe = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, client_id=self._client_id)
+        probe = kafka_consumer(self._access, client_id=self._client_id)
         try:
             async with asyncio.timeout(_START_TIMEOUT_S):
                 await probe.start()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Literal
+from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -13,6 +13,8 @@ from cityops.common.settings import DatabaseSettings, KafkaSettings, MetricsSett
 
 class IngestSettings(KafkaSettings, DatabaseSettings, MetricsSettings):
     """Everything `cityops ingest` reads from the environment."""
+
+    kafka_principal: ClassVar[str] = "ingest"  # CITYOPS_INGEST_KAFKA_USERNAME etc.
 
     metrics_port: int = Field(default=9101, ge=0, le=65535)
 

@@ -25,7 +25,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     GroupCoordinatorNotAvailableError,
@@ -34,6 +33,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import TopicPartition
 
+from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_consumer, kcat_args
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.registry import Device, upsert_devices
@@ -90,42 +90,44 @@ def _lines(devices: int, per_device: int, start: datetime) -> Iterator[bytes]:
             yield device_id.encode() + b"\t" + orjson.dumps(body) + b"\n"
 
 
-async def _prefill(bootstrap: str, topic: str, devices: int, per_device: int) -> float:
+async def _prefill(kafka: KafkaAccess, topic: str, devices: int, per_device: int) -> float:
     started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
-        "kcat", "-P", "-b", bootstrap, "-t", topic, "-K", "\t", "-z", "lz4",
-        "-X", "partitioner=murmur2_random",  # the Java/aiokafka partitioner, like ingest
-        stdin=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stdin is not None
-    chunk: list[bytes] = []
-    for line in _lines(devices, per_device, datetime.now(UTC)):
-        chunk.append(line)
-        if len(chunk) >= 20_000:
-            process.stdin.write(b"".join(chunk))
-            await process.stdin.drain()
-            chunk.clear()
-    process.stdin.write(b"".join(chunk))
-    await process.stdin.drain()
-    process.stdin.close()
-    if await process.wait() != 0:
-        raise RuntimeError("kcat -P failed")
+    with kcat_args(kafka) as broker:
+        process = await asyncio.create_subprocess_exec(
+            "kcat", "-P", *broker, "-t", topic, "-K", "\t", "-z", "lz4",
+            "-X", "partitioner=murmur2_random",  # the Java/aiokafka partitioner, like ingest
+            stdin=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdin is not None
+        chunk: list[bytes] = []
+        for line in _lines(devices, per_device, datetime.now(UTC)):
+            chunk.append(line)
+            if len(chunk) >= 20_000:
+                process.stdin.write(b"".join(chunk))
+                await process.stdin.drain()
+                chunk.clear()
+        process.stdin.write(b"".join(chunk))
+        await process.stdin.drain()
+        process.stdin.close()
+        if await process.wait() != 0:
+            raise RuntimeError("kcat -P failed")
     return time.monotonic() - started
 
 
-async def _kcat_consume(bootstrap: str, topic: str) -> float:
+async def _kcat_consume(kafka: KafkaAccess, topic: str) -> float:
     started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
-        "kcat", "-C", "-b", bootstrap, "-t", topic, "-o", "beginning", "-e", "-q",
-        "-f", "%k %s\n", stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    if await process.wait() != 0:
-        raise RuntimeError("kcat -C failed")
+    with kcat_args(kafka) as broker:
+        process = await asyncio.create_subprocess_exec(
+            "kcat", "-C", *broker, "-t", topic, "-o", "beginning", "-e", "-q",
+            "-f", "%k %s\n", stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        if await process.wait() != 0:
+            raise RuntimeError("kcat -C failed")
     return time.monotonic() - started
 
 
-async def _end_offsets(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+async def _end_offsets(kafka: KafkaAccess, topic: str) -> dict[TopicPartition, int]:
+    consumer = kafka_consumer(kafka)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
@@ -176,7 +178,7 @@ async def _drain(
             "CITYOPS_LOG_LEVEL": "WARNING",
         }
     )
-    ends = await _end_offsets(env["CITYOPS_KAFKA_BOOTSTRAP"], topics["telemetry"])
+    ends = await _end_offsets(KafkaAccess.from_env(env, principal="admin"), topics["telemetry"])
     total = sum(ends.values())
     cityops = shutil.which("cityops") or str(Path(sys.executable).with_name("cityops"))
     started = time.monotonic()
@@ -227,6 +229,7 @@ async def _phase(
     timeout_s: float,
 ) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
+    kafka = KafkaAccess.from_env(env, principal="admin")
     db_name = f"bench_rules_{tag}"
     base = env["CITYOPS_DATABASE_URL"]
     db_url = urlunsplit(urlsplit(base)._replace(path=f"/{db_name}"))
@@ -253,14 +256,10 @@ async def _phase(
             [NewTopic(t, num_partitions=PARTITIONS, replication_factor=1) for t in topics.values()]
         )
         result: dict[str, Any] = {"devices": devices, "readings": devices * per_device}
-        result["prefill_s"] = round(
-            await _prefill(
-                env["CITYOPS_KAFKA_BOOTSTRAP"], topics["telemetry"], devices, per_device
-            ),
-            2,
-        )
+        prefill_s = await _prefill(kafka, topics["telemetry"], devices, per_device)
+        result["prefill_s"] = round(prefill_s, 2)
         if baseline:
-            kcat_s = await _kcat_consume(env["CITYOPS_KAFKA_BOOTSTRAP"], topics["telemetry"])
+            kcat_s = await _kcat_consume(kafka, topics["telemetry"])
             result["baseline_kcat_wall_s"] = round(kcat_s, 2)
             result["baseline_kcat_events_per_s"] = round(devices * per_device / kcat_s)
         result.update(
@@ -287,7 +286,7 @@ async def run_rules_bench(
 ) -> dict[str, Any]:
     """Drain rate of the rules service vs `kcat -C` on the same pre-filled topic, and its RSS."""
     admin_db = await asyncpg.connect(env["CITYOPS_DATABASE_URL"])
-    admin_kafka = AIOKafkaAdminClient(bootstrap_servers=env["CITYOPS_KAFKA_BOOTSTRAP"])
+    admin_kafka = kafka_admin(KafkaAccess.from_env(env, principal="admin"))
     await admin_kafka.start()
     results: dict[str, Any] = {}
     try:

@@ -15,13 +15,17 @@ import time
 from pathlib import Path
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from cityops.common.kafka import ensure_topics
+from cityops.common.kafka import (
+    KafkaAccess,
+    ensure_topics,
+    kafka_admin,
+    kafka_consumer,
+    kafka_producer,
+)
 from cityops.common.logs import configure_logging
 from cityops.common.ops import serve_ops, stop_on_signals
 from cityops.common.setaside import SetAside
@@ -41,7 +45,7 @@ class StartupError(RuntimeError):
 async def _check_copartitioned(settings: RulesSettings) -> None:
     # A device's readings and status must land on one replica: the range assignor gives
     # partition n of both topics to the same member only when the counts match.
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = kafka_admin(KafkaAccess.from_settings(settings))
     await admin.start()
     try:
         described = await admin.describe_topics([settings.topic_telemetry, settings.topic_status])
@@ -64,8 +68,9 @@ async def run(
     registry = registry or CollectorRegistry()
     metrics = create_metrics(registry)
     started = time.monotonic()
+    access = KafkaAccess.from_settings(settings)
     await ensure_topics(
-        settings.kafka_bootstrap,
+        access,
         topics=dict.fromkeys(
             (
                 settings.topic_telemetry,
@@ -86,8 +91,8 @@ async def run(
         min_size=settings.database_pool_min,
         max_size=settings.database_pool_max,
     )
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+    consumer = kafka_consumer(
+        access,
         group_id=settings.rules_group,
         client_id=f"rules-{settings.instance_id}",
         enable_auto_commit=False,
@@ -102,8 +107,8 @@ async def run(
         session_timeout_ms=settings.rules_session_timeout_ms,
         heartbeat_interval_ms=max(settings.rules_session_timeout_ms // 10, 100),
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
+    producer = kafka_producer(
+        access,
         client_id=f"rules-{settings.instance_id}",
         acks="all",
         enable_idempotence=True,

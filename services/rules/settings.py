@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
@@ -12,6 +13,8 @@ from cityops.common.settings import DatabaseSettings, KafkaSettings, MetricsSett
 
 class RulesSettings(KafkaSettings, DatabaseSettings, MetricsSettings):
     """`cityops rules`: Kafka in, PostgreSQL and `city.tickets.v1` out."""
+
+    kafka_principal: ClassVar[str] = "rules"  # CITYOPS_RULES_KAFKA_USERNAME etc.
 
     metrics_port: int = Field(default=9102, ge=0, le=65535)
     rules_group: str = Field(default="rules", min_length=1, max_length=200)

@@ -6,7 +6,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from cityops.common.kafka import ensure_topics
+from cityops.common.kafka import KafkaAccess, ensure_topics
 from cityops.common.settings import KafkaSettings
 from cityops.stack.layout import StackError, StackPaths
 from cityops.stack.procs import ServerSpec, run_command, write_if_changed
@@ -230,9 +230,9 @@ def spec(paths: StackPaths) -> ServerSpec:
     )
 
 
-async def ensure_default_topics() -> list[str]:
+async def ensure_default_topics(access: KafkaAccess) -> list[str]:
     """Create the A4 topics (names from CITYOPS_TOPIC_* or their defaults); returns new ones."""
-    settings = KafkaSettings(kafka_bootstrap=BOOTSTRAP)
+    settings = KafkaSettings(kafka_bootstrap=access.bootstrap)
     names = [
         settings.topic_telemetry,
         settings.topic_status,
@@ -241,7 +241,7 @@ async def ensure_default_topics() -> list[str]:
         settings.topic_devices,
     ]
     return await ensure_topics(
-        BOOTSTRAP,
+        access,
         topics=dict.fromkeys(names, settings.topic_partitions),
         compacted={settings.topic_devices},
     )

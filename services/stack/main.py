@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cityops.common.kafka import KafkaAccess
 from cityops.stack import kafka, mosquitto, packages, postgres, prometheus, services
 from cityops.stack.credentials import (
     INGEST_USER,
@@ -69,7 +70,7 @@ def probes(stack_secrets: StackSecrets) -> dict[str, Probe]:
         "mosquitto": lambda: probe_mqtt(
             "127.0.0.1", mosquitto.PORT, INGEST_USER, stack_secrets.mqtt_ingest_password
         ),
-        "kafka": lambda: probe_kafka(kafka.BOOTSTRAP),
+        "kafka": lambda: probe_kafka(KafkaAccess(kafka.BOOTSTRAP)),
         "prometheus": lambda: probe_http_ok(f"{prometheus.URL}/-/ready"),
     }
 
@@ -258,7 +259,7 @@ def cmd_up(paths: StackPaths) -> int:
     started = {name: start(paths, specs[name]) for name in to_start}
 
     waited = asyncio.run(_wait_all(paths, stack_secrets, specs, started))
-    created = asyncio.run(kafka.ensure_default_topics())
+    created = asyncio.run(kafka.ensure_default_topics(KafkaAccess(kafka.BOOTSTRAP)))
     if created:
         print(f"stack: created Kafka topics {', '.join(created)}", flush=True)
     write_env(paths, stack_secrets)

@@ -10,21 +10,21 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import asyncpg
-from aiokafka.admin import AIOKafkaAdminClient
 from paho.mqtt.client import Client, ConnectFlags
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from cityops.common.kafka import KafkaAccess, kafka_admin
 from cityops.stack.layout import StackError
 
 # A probe returns None when the server answered correctly, else why not (for the final message).
 Probe = Callable[[], Awaitable[str | None]]
 
 
-async def probe_kafka(bootstrap: str) -> str | None:
+async def probe_kafka(access: KafkaAccess) -> str | None:
     """Ask the broker for cluster metadata with aiokafka's admin client."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    admin = kafka_admin(access, request_timeout_ms=5000)
     try:
         await asyncio.wait_for(admin.start(), timeout=6)
         await asyncio.wait_for(admin.list_topics(), timeout=6)

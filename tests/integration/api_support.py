@@ -14,14 +14,15 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
-from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from cityops.api.context import ApiContext
 from cityops.api.main import running_service
 from cityops.api.settings import ApiSettings
 from cityops.common.events import encode_telemetry, parse_reading
+from cityops.common.kafka import KafkaAccess, kafka_producer
 from tests.helpers import wait_for
+from tests.integration.kafka_support import StackKafka
 
 BASE_TOPICS = (
     "city.telemetry.v1",
@@ -38,14 +39,14 @@ class ApiCase:
     """One API test's fresh database and topics (the `api_case` fixture)."""
 
     database_url: str
-    kafka_bootstrap: str
+    kafka: StackKafka
     topics: Mapping[str, str]
 
     def settings(self, *, mqtt: Any | None = None, **overrides: Any) -> ApiSettings:
         """`api_settings` for this case's database and topics."""
         return api_settings(
             database_url=self.database_url,
-            kafka_bootstrap=self.kafka_bootstrap,
+            kafka=self.kafka,
             topics=self.topics,
             mqtt=mqtt,
             **overrides,
@@ -55,7 +56,7 @@ class ApiCase:
 def api_settings(
     *,
     database_url: str,
-    kafka_bootstrap: str,
+    kafka: StackKafka,
     topics: Mapping[str, str],
     mqtt: Any | None = None,
     **overrides: Any,
@@ -63,7 +64,7 @@ def api_settings(
     """Settings for one test: everything unique, HTTP on a free port."""
     values: dict[str, Any] = {
         "database_url": database_url,
-        "kafka_bootstrap": kafka_bootstrap,
+        **kafka.service("api").settings_values(),
         "topic_telemetry": topics["city.telemetry.v1"],
         "topic_status": topics["city.status.v1"],
         "topic_tickets": topics["city.tickets.v1"],
@@ -132,9 +133,9 @@ def telemetry(device_id: str, kind: str, seq: int, ts: datetime, **values: Any) 
     return encode_telemetry(reading, received_at=datetime.now(UTC), ingest_id="test")
 
 
-async def produce(bootstrap: str, topic: str, records: list[tuple[str, bytes]]) -> None:
+async def produce(access: KafkaAccess, topic: str, records: list[tuple[str, bytes]]) -> None:
     """Produce (key, value) records and wait for the acks."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = kafka_producer(access, acks="all")
     await producer.start()
     try:
         for key, value in records:

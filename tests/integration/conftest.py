@@ -3,6 +3,8 @@
 Session-wide:
 - `stack_env` -> dict[str, str]: the `CITYOPS_*` settings from `.stack/cityops.env`.
 - `kafka_bootstrap` -> str: `host:port` of the broker.
+- `kafka` -> StackKafka: the admin's access (`kafka.admin`) and each service's
+  (`kafka.service("rules")`); build every Kafka client with `cityops.common.kafka`.
 - `mqtt_settings` -> MqttSettings: broker address, service accounts, password-file paths.
 
 Per test (factories clean up what they made):
@@ -29,14 +31,16 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import pytest_asyncio
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 
 from cityops.common import mqtt_auth
+from cityops.common.kafka import kafka_admin
 from cityops.common.scratch import drop_database, quote_ident
 from cityops.stack.credentials import parse_env_file
 from cityops.stack.layout import StackPaths, repo_root
 from cityops.stack.probes import mqtt_connect_reason
 from tests.helpers import wait_for
+from tests.integration.kafka_support import StackKafka
 
 if TYPE_CHECKING:
     from tests.integration.api_support import ApiCase
@@ -89,14 +93,20 @@ def kafka_bootstrap(stack_env: Mapping[str, str]) -> str:
     return stack_env["CITYOPS_KAFKA_BOOTSTRAP"]
 
 
+@pytest.fixture(scope="session")
+def kafka(stack_env: Mapping[str, str]) -> StackKafka:
+    """The stack's Kafka principals: `kafka.admin`, `kafka.service(name)`."""
+    return StackKafka(stack_env)
+
+
 @pytest_asyncio.fixture
-async def kafka_topics(kafka_bootstrap: str) -> AsyncIterator[MakeTopics]:
+async def kafka_topics(kafka: StackKafka) -> AsyncIterator[MakeTopics]:
     """Factory: create uuid-suffixed topics, deleted at teardown.
 
     `names = await kafka_topics("city.telemetry.v1", "city.deadletter.v1", partitions=3,
     configs={"cleanup.policy": "compact"})` -> {"city.telemetry.v1": "city.telemetry.v1.<hex>"}.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = kafka_admin(kafka.admin)
     await admin.start()
     created: list[str] = []
 
@@ -294,8 +304,8 @@ async def case(
 
 
 @pytest_asyncio.fixture
-async def api_case(database_url: str, kafka_bootstrap: str, kafka_topics: MakeTopics) -> ApiCase:
+async def api_case(database_url: str, kafka: StackKafka, kafka_topics: MakeTopics) -> ApiCase:
     """A fresh database and the API's topics; `api_case.settings(**overrides)` for the app."""
     from tests.integration.api_support import BASE_TOPICS, ApiCase
 
-    return ApiCase(database_url, kafka_bootstrap, await kafka_topics(*BASE_TOPICS))
+    return ApiCase(database_url, kafka, await kafka_topics(*BASE_TOPICS))

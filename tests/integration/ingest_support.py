@@ -19,11 +19,11 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from cityops.api.publisher import device_document
+from cityops.common.kafka import KafkaAccess, kafka_consumer, kafka_producer
 from cityops.common.kinds import Kind
 from cityops.common.mqtt_sessions import purge_session as common_purge_session
 from cityops.common.registry import Device, upsert_devices
@@ -31,6 +31,7 @@ from cityops.ingest.main import run
 from cityops.ingest.settings import IngestSettings
 from tests.helpers import MqttTestClient, wait_for
 from tests.integration.conftest import MakeTopics, MqttSettings
+from tests.integration.kafka_support import StackKafka
 
 REPO = Path(__file__).resolve().parents[2]
 CITYOPS = REPO / ".venv" / "bin" / "cityops"
@@ -52,7 +53,7 @@ class IngestCase:
     env: dict[str, str]
     topics: dict[str, str]
     database_url: str
-    kafka_bootstrap: str
+    kafka: StackKafka
     mqtt: MqttSettings
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     client_ids: set[str] = field(default_factory=set)
@@ -113,7 +114,7 @@ class IngestCase:
             )
         finally:
             await conn.close()
-        producer = AIOKafkaProducer(bootstrap_servers=self.kafka_bootstrap, acks="all")
+        producer = kafka_producer(self.kafka.admin, acks="all")
         await producer.start()
         try:
             for row in rows:
@@ -141,8 +142,9 @@ async def make_case(
     topics |= await kafka_topics(
         "city.devices.v1", partitions=partitions, configs={"cleanup.policy": "compact"}
     )
+    kafka = StackKafka(stack_env)
     env = {
-        "CITYOPS_KAFKA_BOOTSTRAP": stack_env["CITYOPS_KAFKA_BOOTSTRAP"],
+        **kafka.service("ingest").env(),
         "CITYOPS_MQTT_URL": stack_env["CITYOPS_MQTT_URL"],
         "CITYOPS_DATABASE_URL": database_url,
         "CITYOPS_INGEST_MQTT_USERNAME": stack_env["CITYOPS_INGEST_MQTT_USERNAME"],
@@ -161,7 +163,7 @@ async def make_case(
         env=env,
         topics=topics,
         database_url=database_url,
-        kafka_bootstrap=stack_env["CITYOPS_KAFKA_BOOTSTRAP"],
+        kafka=kafka,
         mqtt=mqtt,
     )
 
@@ -300,10 +302,8 @@ def purge_session(mqtt: MqttSettings, client_id: str) -> None:
 class TopicReader:
     """Reads a Kafka topic from the beginning; keeps every record seen."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
-        )
+    def __init__(self, access: KafkaAccess, topic: str) -> None:
+        self.consumer = kafka_consumer(access, topic, group_id=None, auto_offset_reset="earliest")
         self.records: list[ConsumerRecord[bytes, bytes]] = []
 
     async def __aenter__(self) -> TopicReader:

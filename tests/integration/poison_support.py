@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer
 
+from cityops.common.kafka import KafkaAccess, kafka_consumer
 from cityops.common.setaside import UNDECODABLE, UNPROCESSABLE
 
 
@@ -101,10 +101,10 @@ async def ready_and_counted(http: httpx.AsyncClient, *, check: str, counter: str
 
 
 async def dead_letters(
-    bootstrap: str, topic: str, *, expected: int, timeout_s: float = 30
+    access: KafkaAccess, topic: str, *, expected: int, timeout_s: float = 30
 ) -> list[dict[str, str]]:
     """Read the dead-letter topic from the start until `expected` records (their headers)."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    consumer = kafka_consumer(access, topic, auto_offset_reset="earliest")
     await consumer.start()
     found: list[dict[str, str]] = []
     try:

@@ -13,16 +13,17 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from cityops.common.events import StatusEvent, encode_status, encode_telemetry, parse_reading
+from cityops.common.kafka import kafka_consumer, kafka_producer
 from cityops.common.kinds import Kind
 from cityops.common.registry import Device, upsert_devices
 from cityops.rules.config import load_rules
 from cityops.rules.main import run
 from cityops.rules.settings import RulesSettings
 from tests.helpers import wait_for
+from tests.integration.kafka_support import StackKafka
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "rules"
 
@@ -31,7 +32,7 @@ RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "rules"
 class RulesEnv:
     """Unique topics, a fresh database and a unique consumer group for one test."""
 
-    bootstrap: str
+    kafka: StackKafka
     database_url: str
     topics: Mapping[str, str]
     group: str
@@ -39,7 +40,7 @@ class RulesEnv:
     def settings(self, **overrides: Any) -> RulesSettings:
         """Settings for a worker of this test."""
         values: dict[str, Any] = {
-            "kafka_bootstrap": self.bootstrap,
+            **self.kafka.service("rules").settings_values(),
             "database_url": self.database_url,
             "topic_telemetry": self.topics["city.telemetry.v1"],
             "topic_status": self.topics["city.status.v1"],
@@ -59,7 +60,7 @@ class RulesEnv:
     def env(self, **overrides: str) -> dict[str, str]:
         """The same settings as CITYOPS_* environment variables (for a subprocess)."""
         env = {
-            "CITYOPS_KAFKA_BOOTSTRAP": self.bootstrap,
+            **self.kafka.service("rules").env(),
             "CITYOPS_DATABASE_URL": self.database_url,
             "CITYOPS_TOPIC_TELEMETRY": self.topics["city.telemetry.v1"],
             "CITYOPS_TOPIC_STATUS": self.topics["city.status.v1"],
@@ -75,12 +76,12 @@ class RulesEnv:
         return env
 
 
-async def make_rules_env(kafka_topics: Any, kafka_bootstrap: str, database_url: str) -> RulesEnv:
+async def make_rules_env(kafka_topics: Any, kafka: StackKafka, database_url: str) -> RulesEnv:
     """Topics (3 partitions each) and a group for one test."""
     topics = await kafka_topics(
         "city.telemetry.v1", "city.status.v1", "city.tickets.v1", "city.deadletter.v1", partitions=3
     )
-    return RulesEnv(kafka_bootstrap, database_url, topics, f"rules-test-{uuid.uuid4().hex[:10]}")
+    return RulesEnv(kafka, database_url, topics, f"rules-test-{uuid.uuid4().hex[:10]}")
 
 
 @contextlib.asynccontextmanager
@@ -126,7 +127,7 @@ class Feed:
 
     def __init__(self, env: RulesEnv) -> None:
         self._env = env
-        self._producer = AIOKafkaProducer(bootstrap_servers=env.bootstrap, linger_ms=2)
+        self._producer = kafka_producer(env.kafka.admin, linger_ms=2)
 
     async def __aenter__(self) -> Feed:
         await self._producer.start()
@@ -211,9 +212,9 @@ async def ticket_events(
     env: RulesEnv, *, expect: int, within_s: float = 20
 ) -> list[dict[str, Any]]:
     """Read `expect` events (at least) from the tickets topic."""
-    consumer = AIOKafkaConsumer(
+    consumer = kafka_consumer(
+        env.kafka.admin,
         env.topics["city.tickets.v1"],
-        bootstrap_servers=env.bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,

@@ -22,6 +22,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from tests.helpers import MqttTestClient, wait_for
 from tests.integration.api_support import BASE_TOPICS
 from tests.integration.ingest_support import free_port, purge_session, reading, readyz
+from tests.integration.kafka_support import StackKafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.mqtt]
 
@@ -65,8 +66,8 @@ async def test_mqtt_reading_reaches_the_api_and_sigterm_is_graceful(
     api_key = f"key-{uuid.uuid4().hex}"
     topics = await kafka_topics(*BASE_TOPICS)
     api_port, ingest_port = free_port(), free_port()
+    kafka = StackKafka(stack_env)
     common = {
-        "CITYOPS_KAFKA_BOOTSTRAP": stack_env["CITYOPS_KAFKA_BOOTSTRAP"],
         "CITYOPS_DATABASE_URL": database_url,
         "CITYOPS_TOPIC_TELEMETRY": topics["city.telemetry.v1"],
         "CITYOPS_TOPIC_STATUS": topics["city.status.v1"],
@@ -77,6 +78,7 @@ async def test_mqtt_reading_reaches_the_api_and_sigterm_is_graceful(
     }
     api_env = {
         **common,
+        **kafka.service("api").env(),
         "CITYOPS_API_PORT": str(api_port),
         "CITYOPS_API_BOOTSTRAP_KEY": api_key,
         "CITYOPS_API_PROJECTOR_GROUP": f"api-projector-e2e-{tag}",
@@ -95,6 +97,7 @@ async def test_mqtt_reading_reaches_the_api_and_sigterm_is_graceful(
     ingest_client_id = f"ingest-e2e-{tag}"
     ingest_env = {
         **common,
+        **kafka.service("ingest").env(),
         "CITYOPS_MQTT_URL": stack_env["CITYOPS_MQTT_URL"],
         "CITYOPS_INGEST_MQTT_USERNAME": stack_env["CITYOPS_INGEST_MQTT_USERNAME"],
         "CITYOPS_INGEST_MQTT_PASSWORD": stack_env["CITYOPS_INGEST_MQTT_PASSWORD"],

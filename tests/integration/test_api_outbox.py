@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from cityops.api import main as api_main
@@ -26,6 +26,7 @@ from cityops.api.metrics import create_metrics
 from cityops.api.publisher import EventPublisher
 from cityops.api.settings import ApiSettings
 from cityops.api.store_outbox import OutboxEvent
+from cityops.common.kafka import KafkaAccess, kafka_consumer, kafka_producer
 from cityops.common.tickets import TicketEvent
 from tests.helpers import wait_for
 from tests.integration.api_support import (
@@ -34,6 +35,7 @@ from tests.integration.api_support import (
     open_ticket,
     run_api,
 )
+from tests.integration.kafka_support import StackKafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 PARTITIONS = 3  # what the kafka_topics fixture creates
@@ -50,11 +52,9 @@ async def _outbox(database_url: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
-async def _topic_records(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+async def _topic_records(access: KafkaAccess, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record on `topic`, read up to the end offsets taken now."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
+    consumer = kafka_consumer(access, enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     try:
         partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
@@ -86,7 +86,7 @@ def _closed_port() -> int:
 
 
 async def test_transition_and_registration_each_publish_one_record_and_empty_the_outbox(
-    api_case: ApiCase, database_url: str, kafka_bootstrap: str
+    api_case: ApiCase, database_url: str
 ) -> None:
     topics = api_case.topics
     settings = api_case.settings(
@@ -119,7 +119,7 @@ async def test_transition_and_registration_each_publish_one_record_and_empty_the
         )
         detail = (await http.get(f"/v1/tickets/{ticket_id}")).json()
 
-    devices = await _topic_records(kafka_bootstrap, topics["city.devices.v1"])
+    devices = await _topic_records(api_case.kafka.admin, topics["city.devices.v1"])
     assert len(devices) == 1
     assert devices[0].key == device_id.encode()
     assert devices[0].value is not None
@@ -131,7 +131,7 @@ async def test_transition_and_registration_each_publish_one_record_and_empty_the
     )
     assert document["enabled"] is True
 
-    tickets = await _topic_records(kafka_bootstrap, topics["city.tickets.v1"])
+    tickets = await _topic_records(api_case.kafka.admin, topics["city.tickets.v1"])
     assert len(tickets) == 1
     assert tickets[0].key == device_id.encode()
     assert tickets[0].value is not None
@@ -147,16 +147,14 @@ async def test_transition_and_registration_each_publish_one_record_and_empty_the
 
 
 async def test_kafka_unreachable_keeps_events_in_the_outbox_until_a_sweep_publishes_them(
-    api_case: ApiCase, database_url: str, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+    api_case: ApiCase, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     topics = api_case.topics
     dead_bootstrap = f"127.0.0.1:{_closed_port()}"
 
     async def unreachable_producer(settings: ApiSettings, stop: asyncio.Event) -> AIOKafkaProducer:
         # The API's producer points at a closed port: every produce times out.
-        return AIOKafkaProducer(
-            bootstrap_servers=dead_bootstrap, acks="all", enable_idempotence=True
-        )
+        return kafka_producer(KafkaAccess(dead_bootstrap), acks="all", enable_idempotence=True)
 
     settings = api_case.settings(
         api_projector_enabled=False,
@@ -207,8 +205,8 @@ async def test_kafka_unreachable_keeps_events_in_the_outbox_until_a_sweep_publis
         (topics["city.devices.v1"], device_id),
         (topics["city.tickets.v1"], device_id),
     ]
-    assert await _topic_records(kafka_bootstrap, topics["city.tickets.v1"]) == []
-    assert await _topic_records(kafka_bootstrap, topics["city.devices.v1"]) == []
+    assert await _topic_records(api_case.kafka.admin, topics["city.tickets.v1"]) == []
+    assert await _topic_records(api_case.kafka.admin, topics["city.devices.v1"]) == []
 
     # A replica that reaches Kafka sweeps them out at start.
     monkeypatch.undo()
@@ -222,11 +220,11 @@ async def test_kafka_unreachable_keeps_events_in_the_outbox_until_a_sweep_publis
         assert _sample(api, published, topic=topics["city.devices.v1"]) == 1
         assert _sample(api, published, topic=topics["city.tickets.v1"]) == 1
 
-    devices = await _topic_records(kafka_bootstrap, topics["city.devices.v1"])
+    devices = await _topic_records(api_case.kafka.admin, topics["city.devices.v1"])
     assert [r.key for r in devices] == [device_id.encode()]
     assert devices[0].value is not None
     assert orjson.loads(devices[0].value)["district"] == "south"
-    tickets = await _topic_records(kafka_bootstrap, topics["city.tickets.v1"])
+    tickets = await _topic_records(api_case.kafka.admin, topics["city.tickets.v1"])
     assert len(tickets) == 1
     assert tickets[0].value is not None
     event = TicketEvent.model_validate_json(tickets[0].value)
@@ -235,14 +233,14 @@ async def test_kafka_unreachable_keeps_events_in_the_outbox_until_a_sweep_publis
 
 
 async def test_two_relays_racing_publish_each_row_once_in_order_per_key(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+    database_url: str, kafka: StackKafka, kafka_topics: Any
 ) -> None:
     topics = await kafka_topics("city.devices.v1")
     topic = topics["city.devices.v1"]
     keys = [f"dev-{n:02d}" for n in range(20)]
     rows = 600
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    producers = [AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all") for _ in "ab"]
+    producers = [kafka_producer(kafka.service("api"), acks="all") for _ in "ab"]
     try:
         async with pool.acquire() as conn:
             await store_outbox.append(
@@ -276,7 +274,7 @@ async def test_two_relays_racing_publish_each_row_once_in_order_per_key(
             await producer.stop()
         await pool.close()
 
-    records = await _topic_records(kafka_bootstrap, topic)
+    records = await _topic_records(kafka.admin, topic)
     assert len(records) == rows  # no row published twice
     per_key: dict[bytes, list[int]] = {}
     for record in sorted(records, key=lambda r: (r.partition, r.offset)):

@@ -9,17 +9,19 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from cityops.api.metrics import create_metrics
 from cityops.api.projection import fold, telemetry_row
 from cityops.api.projector import Projector, write_batch
 from cityops.common.events import StatusEvent, encode_status
+from cityops.common.kafka import kafka_consumer, kafka_producer
 from cityops.common.kinds import Kind
 from cityops.common.setaside import SetAside
 from tests.helpers import wait_for
 from tests.integration.api_support import api_settings, produce, run_api, telemetry
+from tests.integration.kafka_support import StackKafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -39,7 +41,7 @@ async def _add_device(database_url: str, device_id: str, kind: str, district: st
 
 
 async def test_reading_becomes_state_and_never_moves_backwards(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+    database_url: str, kafka: StackKafka, kafka_topics: Any
 ) -> None:
     topics = await kafka_topics(
         "city.telemetry.v1",
@@ -50,13 +52,11 @@ async def test_reading_becomes_state_and_never_moves_backwards(
     )
     device_id = f"wb-{uuid.uuid4().hex[:8]}"
     await _add_device(database_url, device_id, "wastebin")
-    settings = api_settings(
-        database_url=database_url, kafka_bootstrap=kafka_bootstrap, topics=topics
-    )
+    settings = api_settings(database_url=database_url, kafka=kafka, topics=topics)
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
     async with run_api(settings) as api, api.client() as http:
         await produce(
-            kafka_bootstrap,
+            kafka.admin,
             topics["city.telemetry.v1"],
             [
                 (
@@ -78,7 +78,7 @@ async def test_reading_becomes_state_and_never_moves_backwards(
 
         # Older (out of order) and replayed readings arrive, then a newer one.
         await produce(
-            kafka_bootstrap,
+            kafka.admin,
             topics["city.telemetry.v1"],
             [
                 (
@@ -96,7 +96,7 @@ async def test_reading_becomes_state_and_never_moves_backwards(
             ],
         )
         await produce(
-            kafka_bootstrap,
+            kafka.admin,
             topics["city.telemetry.v1"],
             [
                 (
@@ -128,7 +128,7 @@ async def test_reading_becomes_state_and_never_moves_backwards(
             ingest_id="t",
         )
         await produce(
-            kafka_bootstrap,
+            kafka.admin,
             topics["city.status.v1"],
             [(device_id, encode_status(offline)), (device_id, encode_status(stale))],
         )
@@ -139,7 +139,7 @@ async def test_reading_becomes_state_and_never_moves_backwards(
 
         await wait_for(offline_now, timeout=20, message="offline visible")
         await produce(
-            kafka_bootstrap,
+            kafka.admin,
             topics["city.telemetry.v1"],
             [
                 (
@@ -266,7 +266,7 @@ async def test_partitions_ahead_and_per_kind_retention(database_url: str) -> Non
 
 
 async def test_offsets_committed_after_the_writes_and_on_stop(
-    database_url: str, kafka_bootstrap: str, kafka_topics: Any
+    database_url: str, kafka: StackKafka, kafka_topics: Any
 ) -> None:
     """Commits are coalesced over an interval; stopping commits what was written."""
     topics = await kafka_topics(
@@ -278,7 +278,7 @@ async def test_offsets_committed_after_the_writes_and_on_stop(
         await _add_device(database_url, device_id, "wastebin")
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
     await produce(
-        kafka_bootstrap,
+        kafka.admin,
         telemetry_topic,
         [
             (d, telemetry(d, "wastebin", seq, t0 + timedelta(minutes=seq), fill_pct=float(seq)))
@@ -288,7 +288,7 @@ async def test_offsets_committed_after_the_writes_and_on_stop(
     )
     group = f"api-projector-{uuid.uuid4().hex[:8]}"
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    producer = kafka_producer(kafka.service("api"))
     await producer.start()
     metrics = create_metrics(CollectorRegistry())
     projector = Projector(
@@ -299,7 +299,7 @@ async def test_offsets_committed_after_the_writes_and_on_stop(
             counter=metrics.projector_set_aside,
         ),
         pool=pool,
-        bootstrap=kafka_bootstrap,
+        access=kafka.service("api"),
         topics=[telemetry_topic, topics["city.status.v1"]],
         telemetry_topic=telemetry_topic,
         group_id=group,
@@ -328,7 +328,7 @@ async def test_offsets_committed_after_the_writes_and_on_stop(
     assert projector.batches >= 9
     assert 1 <= projector.commits < projector.batches
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group)
+    consumer = kafka_consumer(kafka.admin, group_id=group)
     await consumer.start()
     try:
         partitions = [TopicPartition(telemetry_topic, p) for p in range(3)]

@@ -35,15 +35,15 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from cityops.common.events import StatusEvent, encode_status, encode_telemetry, parse_reading
+from cityops.common.kafka import kafka_admin, kafka_producer
 from cityops.common.kinds import Kind
 from tests.helpers import wait_for
 from tests.integration.api_support import BASE_TOPICS
 from tests.integration.ingest_support import free_port
+from tests.integration.kafka_support import StackKafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -217,7 +217,7 @@ def written_uncommitted(
 
 
 async def test_kill_9_mid_stream_projects_every_reading_once(
-    kafka_bootstrap: str,
+    kafka: StackKafka,
     kafka_topics: Any,
     database_url: str,
     tmp_path: Path,
@@ -228,7 +228,7 @@ async def test_kill_9_mid_stream_projects_every_reading_once(
     base_of = {name: base for base, name in real.items()}
     group = f"api-projector-crash-{tag}"
     env = {
-        "CITYOPS_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        **kafka.service("api").env(),
         "CITYOPS_DATABASE_URL": database_url,
         "CITYOPS_TOPIC_TELEMETRY": topics["city.telemetry.v1"],
         "CITYOPS_TOPIC_STATUS": topics["city.status.v1"],
@@ -259,9 +259,9 @@ async def test_kill_9_mid_stream_projects_every_reading_once(
     assert {m.online for m in newest_fact.values()} == {True, False}
 
     db = await asyncpg.connect(database_url)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = kafka_admin(kafka.admin)
     await admin.start()
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=5)
+    producer = kafka_producer(kafka.admin, acks="all", linger_ms=5)
     await producer.start()
     sent: list[Message] = []
 

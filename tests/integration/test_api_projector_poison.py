@@ -37,13 +37,13 @@ async def test_projector_sets_the_poison_corpus_aside_and_keeps_projecting(
         ]
 
     async with run_api(settings) as api, api.client(key=None) as http:
-        await produce(api_case.kafka_bootstrap, topics["city.telemetry.v1"], readings(1))
+        await produce(api_case.kafka.admin, topics["city.telemetry.v1"], readings(1))
         await produce(
-            api_case.kafka_bootstrap,
+            api_case.kafka.admin,
             topics["city.telemetry.v1"],
             [(p.device_id, p.value) for p in poison],  # type: ignore[misc]  # None: a tombstone
         )
-        await produce(api_case.kafka_bootstrap, topics["city.telemetry.v1"], readings(2))
+        await produce(api_case.kafka.admin, topics["city.telemetry.v1"], readings(2))
 
         async def all_at_seq_2() -> bool:
             conn = await asyncpg.connect(api_case.database_url)
@@ -64,7 +64,7 @@ async def test_projector_sets_the_poison_corpus_aside_and_keeps_projecting(
         await wait_for(all_at_seq_2, timeout=30, message="every valid reading projected")
 
         letters = await dead_letters(
-            api_case.kafka_bootstrap, topics["city.deadletter.v1"], expected=len(poison)
+            api_case.kafka.admin, topics["city.deadletter.v1"], expected=len(poison)
         )
         assert len(letters) == len(poison), letters
         where = {(h["source_partition"], h["source_offset"]) for h in letters}

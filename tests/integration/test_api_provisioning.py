@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 
+from cityops.common.kafka import KafkaAccess, kafka_consumer
 from cityops.stack.probes import mqtt_connect_reason
 from tests.helpers import MqttTestClient, wait_for
 from tests.integration.api_support import ApiCase, run_api
@@ -35,8 +35,8 @@ async def _publish_reason(mqtt: Any, username: str, password: str, topic: str) -
         client.close()
 
 
-async def _devices_topic_records(bootstrap: str, topic: str, count: int) -> list[Any]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+async def _devices_topic_records(access: KafkaAccess, topic: str, count: int) -> list[Any]:
+    consumer = kafka_consumer(access, topic, auto_offset_reset="earliest")
     await consumer.start()
     records: list[Any] = []
     try:
@@ -50,7 +50,7 @@ async def _devices_topic_records(bootstrap: str, topic: str, count: int) -> list
 
 
 async def test_provisioned_device_publishes_and_revoked_cannot(
-    api_case: ApiCase, kafka_bootstrap: str, mqtt_settings: Any
+    api_case: ApiCase, mqtt_settings: Any
 ) -> None:
     topics = api_case.topics
     settings = api_case.settings(
@@ -121,7 +121,7 @@ async def test_provisioned_device_publishes_and_revoked_cannot(
         assert (await http.get(f"/v1/devices/{device_id}")).status_code == 404
 
         # Registry changes went to city.devices.v1: create, disable, enable, tombstone.
-        records = await _devices_topic_records(kafka_bootstrap, topics["city.devices.v1"], 4)
+        records = await _devices_topic_records(api_case.kafka.admin, topics["city.devices.v1"], 4)
         mine = [r for r in records if r.key == device_id.encode()]
         assert [None if r.value is None else orjson.loads(r.value)["enabled"] for r in mine] == [
             True,

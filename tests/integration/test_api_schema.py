@@ -85,7 +85,7 @@ _EXCLUDED = [positive_data_acceptance]
 
 
 async def test_openapi_fuzzing_finds_no_5xx_and_no_schema_violation(
-    api_case: ApiCase, database_url: str, kafka_bootstrap: str
+    api_case: ApiCase, database_url: str
 ) -> None:
     topics = api_case.topics
     conn = await asyncpg.connect(database_url)
@@ -97,7 +97,7 @@ async def test_openapi_fuzzing_finds_no_5xx_and_no_schema_violation(
     settings_ = api_case.settings()
     async with run_api(settings_) as api, api.client() as http:
         await produce(
-            kafka_bootstrap,
+            api_case.kafka.admin,
             topics["city.telemetry.v1"],
             [("wb-fuzz", telemetry("wb-fuzz", "wastebin", 1, datetime.now(UTC), fill_pct=5.0))],
         )

@@ -44,7 +44,7 @@ async def _next_event(
 
 
 async def test_stream_delivers_state_changes_filtered_and_resumes(
-    api_case: ApiCase, database_url: str, kafka_bootstrap: str
+    api_case: ApiCase, database_url: str
 ) -> None:
     topics = api_case.topics
     settings = api_case.settings(
@@ -69,7 +69,7 @@ async def test_stream_delivers_state_changes_filtered_and_resumes(
             events = _events(stream)
             await asyncio.wait_for(api.context.broadcaster.live.wait(), 15)
             await produce(
-                kafka_bootstrap,
+                api_case.kafka.admin,
                 topics["city.telemetry.v1"],
                 [
                     (spot_id, telemetry(spot_id, "parking", 1, now, occupied=True)),
@@ -105,9 +105,7 @@ async def test_stream_delivers_state_changes_filtered_and_resumes(
         assert api.context.metrics.stream_clients._value.get() == 0
 
 
-async def test_lists_readings_and_district_summary(
-    api_case: ApiCase, database_url: str, kafka_bootstrap: str
-) -> None:
+async def test_lists_readings_and_district_summary(api_case: ApiCase, database_url: str) -> None:
     topics = api_case.topics
     settings = api_case.settings()
     conn = await asyncpg.connect(database_url)
@@ -145,7 +143,7 @@ async def test_lists_readings_and_district_summary(
             )
         )
     async with run_api(settings) as api, api.client() as http:
-        await produce(kafka_bootstrap, topics["city.telemetry.v1"], records)
+        await produce(api_case.kafka.admin, topics["city.telemetry.v1"], records)
 
         async def projected() -> bool:
             body = (await http.get("/v1/devices/dev-001")).json()

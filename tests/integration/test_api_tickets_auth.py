@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 
+from cityops.common.kafka import kafka_consumer
 from cityops.common.tickets import TicketEvent
 from tests.integration.api_support import ApiCase, open_ticket, run_api
 
@@ -69,7 +69,7 @@ async def test_scopes_401_and_403(api_case: ApiCase) -> None:
 
 
 async def test_ticket_transitions_follow_state_machine(
-    api_case: ApiCase, database_url: str, kafka_bootstrap: str
+    api_case: ApiCase, database_url: str
 ) -> None:
     topics = api_case.topics
     settings = api_case.settings(
@@ -134,8 +134,8 @@ async def test_ticket_transitions_follow_state_machine(
             assert final.status_code == 409
 
     # Every operator transition is on city.tickets.v1, after the commit.
-    consumer = AIOKafkaConsumer(
-        topics["city.tickets.v1"], bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+    consumer = kafka_consumer(
+        api_case.kafka.admin, topics["city.tickets.v1"], auto_offset_reset="earliest"
     )
     await consumer.start()
     events: list[TicketEvent] = []

@@ -44,6 +44,7 @@ from tests.helpers import MqttTestClient, wait_for
 from tests.integration.conftest import MakeTopics, MqttSettings
 from tests.integration.grafana_reader import reader_connection
 from tests.integration.ingest_support import gateway, publish_all, reading
+from tests.integration.kafka_support import StackKafka
 
 pytestmark = [
     pytest.mark.kafka,
@@ -231,8 +232,8 @@ def service_envs(
     stack_env: Mapping[str, str], database_url: str, topics: Mapping[str, str], tag: str
 ) -> dict[str, dict[str, str]]:
     """Environment of each service: this test's topics, database and groups; fixed ports."""
+    kafka = StackKafka(stack_env)
     common = {
-        "CITYOPS_KAFKA_BOOTSTRAP": stack_env["CITYOPS_KAFKA_BOOTSTRAP"],
         "CITYOPS_DATABASE_URL": database_url,
         "CITYOPS_TOPIC_TELEMETRY": topics["city.telemetry.v1"],
         "CITYOPS_TOPIC_STATUS": topics["city.status.v1"],
@@ -246,6 +247,7 @@ def service_envs(
     return {
         "ingest": {
             **common,
+            **kafka.service("ingest").env(),
             "CITYOPS_INSTANCE_ID": f"proof-ingest-{tag}",
             "CITYOPS_MQTT_URL": stack_env["CITYOPS_MQTT_URL"],
             "CITYOPS_INGEST_MQTT_USERNAME": stack_env["CITYOPS_INGEST_MQTT_USERNAME"],
@@ -260,6 +262,7 @@ def service_envs(
         },
         "rules": {
             **common,
+            **kafka.service("rules").env(),
             "CITYOPS_INSTANCE_ID": f"proof-rules-{tag}",
             "CITYOPS_RULES_GROUP": f"proof-rules-{tag}",
             "CITYOPS_RULES_GAUGE_REFRESH_S": "1",
@@ -270,6 +273,7 @@ def service_envs(
         },
         "api": {
             **common,
+            **kafka.service("api").env(),
             "CITYOPS_INSTANCE_ID": f"proof-api-{tag}",
             "CITYOPS_API_HOST": "127.0.0.1",
             "CITYOPS_API_PORT": str(SCRAPED["cityops-api"]),

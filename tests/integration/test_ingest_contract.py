@@ -67,9 +67,9 @@ async def test_every_kind_accepted_and_every_reason_dead_lettered(case: IngestCa
     try:
         async with (
             ingest_in_process(env),
-            TopicReader(case.kafka_bootstrap, case.telemetry) as telemetry,
-            TopicReader(case.kafka_bootstrap, case.deadletter) as deadletter,
-            TopicReader(case.kafka_bootstrap, case.status) as statuses,
+            TopicReader(case.kafka.admin, case.telemetry) as telemetry,
+            TopicReader(case.kafka.admin, case.deadletter) as deadletter,
+            TopicReader(case.kafka.admin, case.status) as statuses,
         ):
             await asyncio.to_thread(
                 publish_all, publisher, [*valid, *bad.values(), *limited, status]
@@ -154,8 +154,8 @@ async def test_a_device_cannot_speak_for_another(
     try:
         async with (
             ingest_in_process(env),
-            TopicReader(case.kafka_bootstrap, case.telemetry) as telemetry,
-            TopicReader(case.kafka_bootstrap, case.deadletter) as deadletter,
+            TopicReader(case.kafka.admin, case.telemetry) as telemetry,
+            TopicReader(case.kafka.admin, case.deadletter) as deadletter,
         ):
             ts = past(1)
             # 1) under the victim's topic: the broker's ACL refuses it outright

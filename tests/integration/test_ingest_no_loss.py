@@ -107,7 +107,7 @@ async def test_kill_9_mid_stream_loses_nothing(case: IngestCase) -> None:
     await wait_ready(port)
     count = 6000
     stream = Stream(case, device, count)
-    async with TopicReader(case.kafka_bootstrap, case.telemetry) as telemetry:
+    async with TopicReader(case.kafka.admin, case.telemetry) as telemetry:
         stream.start()
         await telemetry.until(
             lambda rs: len(seqs_of(rs, device)) >= 1000, within_s=30, message="1000 in Kafka"
@@ -139,7 +139,7 @@ async def test_sigterm_drains_acks_and_exits_cleanly(case: IngestCase) -> None:
     await wait_ready(port)
     count = 4000
     stream = Stream(case, device, count)
-    async with TopicReader(case.kafka_bootstrap, case.telemetry) as telemetry:
+    async with TopicReader(case.kafka.admin, case.telemetry) as telemetry:
         stream.start()
         await telemetry.until(
             lambda rs: len(seqs_of(rs, device)) >= 500, within_s=30, message="500 in Kafka"
@@ -189,7 +189,7 @@ async def test_kafka_unreachable_mid_stream_loses_nothing_and_memory_stays_bound
     stream = Stream(case, device, count)
     rss_samples: list[int] = []
     in_flight_samples: list[float] = []
-    async with TopicReader(case.kafka_bootstrap, case.telemetry) as telemetry:
+    async with TopicReader(case.kafka.admin, case.telemetry) as telemetry:
         stream.start()
         await telemetry.until(
             lambda rs: len(seqs_of(rs, device)) >= 500, within_s=30, message="500 in Kafka"
@@ -233,7 +233,7 @@ async def test_two_replicas_split_one_stream(case: IngestCase) -> None:
         async with (
             ingest_in_process(env_a),
             ingest_in_process(env_b),
-            TopicReader(case.kafka_bootstrap, case.telemetry) as telemetry,
+            TopicReader(case.kafka.admin, case.telemetry) as telemetry,
         ):
             start = past(per_device)
             messages = [

@@ -61,7 +61,7 @@ async def test_a_device_published_on_the_devices_topic_is_accepted_at_once(
     # Lookups off: only the devices topic can explain an acceptance before the refresh.
     env = case.replica_env(0, **SLOW_REFRESH, CITYOPS_INGEST_REGISTRY_LOOKUP_MAX_IDS="0")
     port = int(env["CITYOPS_METRICS_PORT"])
-    async with ingest_in_process(env), TopicReader(case.kafka_bootstrap, case.telemetry) as tel:
+    async with ingest_in_process(env), TopicReader(case.kafka.admin, case.telemetry) as tel:
         loop = asyncio.get_running_loop()
         started = loop.time()
         await case.seed({fresh: Kind.PARKING})
@@ -91,8 +91,8 @@ async def test_a_device_only_in_postgresql_is_accepted_on_the_miss_lookup(
     port = int(env["CITYOPS_METRICS_PORT"])
     async with (
         ingest_in_process(env),
-        TopicReader(case.kafka_bootstrap, case.telemetry) as tel,
-        TopicReader(case.kafka_bootstrap, case.deadletter) as dead,
+        TopicReader(case.kafka.admin, case.telemetry) as tel,
+        TopicReader(case.kafka.admin, case.deadletter) as dead,
     ):
         await case.seed({quiet: Kind.PARKING})  # no devices-topic event for this one
         await publish(case, [telemetry(quiet, 1), telemetry(quiet, 2)])
@@ -118,8 +118,8 @@ async def test_a_device_disabled_on_the_devices_topic_is_refused(case: IngestCas
     port = int(env["CITYOPS_METRICS_PORT"])
     async with (
         ingest_in_process(env),
-        TopicReader(case.kafka_bootstrap, case.telemetry) as tel,
-        TopicReader(case.kafka_bootstrap, case.deadletter) as dead,
+        TopicReader(case.kafka.admin, case.telemetry) as tel,
+        TopicReader(case.kafka.admin, case.deadletter) as dead,
     ):
         await publish(case, [telemetry(lamp, 1)])
         await tel.until(
@@ -169,7 +169,7 @@ async def test_bogus_ids_are_dead_lettered_with_one_lookup_per_id(case: IngestCa
 
     first = [telemetry(device_id, 0) for device_id in ids]
     again = [telemetry(device_id, seq) for seq in range(1, 10) for device_id in ids]
-    async with ingest_in_process(env), TopicReader(case.kafka_bootstrap, case.deadletter) as dead:
+    async with ingest_in_process(env), TopicReader(case.kafka.admin, case.deadletter) as dead:
         await publish(case, first)
         await dead.until(
             lambda rs: len(ours(rs)) >= len(first), within_s=30, message="first round refused"

@@ -6,18 +6,20 @@ import uuid
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
+from cityops.common.kafka import KafkaAccess, kafka_consumer
 from cityops.common.kinds import Kind
 from cityops.common.registry import Device
 from tests.helpers import wait_for
+from tests.integration.kafka_support import StackKafka
 from tests.integration.rules_support import Feed, make_rules_env, reading, register, running_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
 
-async def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+async def _committed(access: KafkaAccess, group: str, topic: str) -> dict[int, int | None]:
+    consumer = kafka_consumer(access, group_id=group)
     await consumer.start()
     try:
         return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(3)}
@@ -25,8 +27,8 @@ async def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int | 
         await consumer.stop()
 
 
-async def _ends(bootstrap: str, topic: str) -> dict[int, int | None]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+async def _ends(access: KafkaAccess, topic: str) -> dict[int, int | None]:
+    consumer = kafka_consumer(access)
     await consumer.start()
     try:
         ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(3)])
@@ -37,9 +39,9 @@ async def _ends(bootstrap: str, topic: str) -> dict[int, int | None]:
 
 
 async def test_offsets_wait_for_the_interval_and_are_all_committed_at_a_stop(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+    kafka_topics: Any, kafka: StackKafka, database_url: str
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     telemetry = env.topics["city.telemetry.v1"]
     devices = [f"wb-{i}-{uuid.uuid4().hex[:6]}" for i in range(9)]
     await register(
@@ -63,7 +65,7 @@ async def test_offsets_wait_for_the_interval_and_are_all_committed_at_a_stop(
             batches = registry.get_sample_value("cityops_rules_batch_records_count") or 0
             assert batches >= 1
             # Evaluated, but no batch was committed on its own: one commit per interval.
-            assert set((await _committed(kafka_bootstrap, env.group, telemetry)).values()) == {None}
-        assert await _committed(kafka_bootstrap, env.group, telemetry) == await _ends(
-            kafka_bootstrap, telemetry
+            assert set((await _committed(kafka.admin, env.group, telemetry)).values()) == {None}
+        assert await _committed(kafka.admin, env.group, telemetry) == await _ends(
+            kafka.admin, telemetry
         )

@@ -17,6 +17,7 @@ import pytest
 from cityops.common.kinds import Kind
 from cityops.common.registry import Device
 from tests.helpers import wait_for
+from tests.integration.kafka_support import StackKafka
 from tests.integration.rules_support import (
     Feed,
     RulesEnv,
@@ -53,9 +54,9 @@ async def count(database_url: str, sql: str) -> int:
 
 
 async def test_kill_9_mid_stream_loses_and_duplicates_nothing(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str, tmp_path: Path
+    kafka_topics: Any, kafka: StackKafka, database_url: str, tmp_path: Path
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     suffix = uuid.uuid4().hex[:6]
     bins = [f"wb-{i}-{suffix}" for i in range(60)]
     silent = f"sl-silent-{suffix}"

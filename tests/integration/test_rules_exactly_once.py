@@ -13,6 +13,7 @@ from aiokafka.partitioner import murmur2
 from cityops.common.kinds import Kind
 from cityops.common.registry import Device
 from tests.helpers import wait_for
+from tests.integration.kafka_support import StackKafka
 from tests.integration.rules_support import (
     Feed,
     make_rules_env,
@@ -43,9 +44,9 @@ def _done(database_url: str, device_id: str, seq: int) -> Callable[[], Awaitable
 
 
 async def test_fifty_triggers_two_replicas_then_a_replay_give_one_ticket(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+    kafka_topics: Any, kafka: StackKafka, database_url: str
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     hot = f"wb-hot-{uuid.uuid4().hex[:6]}"
     others = [f"wb-{i}-{uuid.uuid4().hex[:6]}" for i in range(12)]
     await register(
@@ -89,11 +90,11 @@ async def test_fifty_triggers_two_replicas_then_a_replay_give_one_ticket(
 
 
 async def test_two_groups_racing_on_one_database_count_each_reading_once(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+    kafka_topics: Any, kafka: StackKafka, database_url: str
 ) -> None:
     # Two independent groups on one stream is the worst case for the database fence: both
     # see every reading and both try to write. The loser must roll back and replay.
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     devices = [f"mh-{i}-{uuid.uuid4().hex[:6]}" for i in range(6)]
     await register(
         database_url,
@@ -123,9 +124,9 @@ async def test_two_groups_racing_on_one_database_count_each_reading_once(
 
 
 async def test_a_fenced_batch_is_rolled_back_and_replayed_without_losing_its_other_devices(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+    kafka_topics: Any, kafka: StackKafka, database_url: str
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     suffix = uuid.uuid4().hex[:6]
     contested = f"wb-contested-{suffix}"
     bystanders = [f"wb-by-{i}-{suffix}" for i in range(10)]

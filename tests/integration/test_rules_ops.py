@@ -17,6 +17,7 @@ import pytest
 
 from cityops.common.kinds import Kind
 from tests.helpers import wait_for
+from tests.integration.kafka_support import StackKafka
 from tests.integration.rules_support import Feed, make_rules_env, reading
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
@@ -37,9 +38,9 @@ def spawn(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
 
 
 async def test_readyz_metrics_and_sigterm(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str, tmp_path: Path
+    kafka_topics: Any, kafka: StackKafka, database_url: str, tmp_path: Path
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     port = free_port()
     log_path = tmp_path / "rules.log"
     process = spawn({**os.environ, **env.env(metrics_port=str(port))}, log_path)

@@ -17,6 +17,7 @@ from cityops.common.setaside import REASONS, UNPROCESSABLE
 from tests.helpers import wait_for
 from tests.integration.api_support import produce
 from tests.integration.ingest_support import free_port
+from tests.integration.kafka_support import StackKafka
 from tests.integration.poison_support import corpus, dead_letters, ready_and_counted
 from tests.integration.rules_support import (
     Feed,
@@ -31,9 +32,9 @@ pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
 
 async def test_rules_sets_the_poison_corpus_aside_and_keeps_deciding(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+    kafka_topics: Any, kafka: StackKafka, database_url: str
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     port = free_port()
     settings = env.settings(metrics_port=port)
     prefix = f"wb-{uuid.uuid4().hex[:6]}"
@@ -42,7 +43,7 @@ async def test_rules_sets_the_poison_corpus_aside_and_keeps_deciding(
     async with running_worker(settings), Feed(env) as feed:
         await feed.readings(reading(d, Kind.WASTEBIN, 1, fill_pct=10.0) for d in valid)
         await produce(
-            kafka_bootstrap,
+            kafka.admin,
             env.topics["city.telemetry.v1"],
             [(p.device_id, p.value) for p in poison],  # type: ignore[misc]  # None: a tombstone
         )
@@ -51,7 +52,7 @@ async def test_rules_sets_the_poison_corpus_aside_and_keeps_deciding(
             await wait_ticket(database_url, device_id=device_id, rule="bin_full", within_s=30)
 
         letters = await dead_letters(
-            kafka_bootstrap, env.topics["city.deadletter.v1"], expected=len(poison)
+            kafka.admin, env.topics["city.deadletter.v1"], expected=len(poison)
         )
         assert len(letters) == len(poison), letters
         assert len({(h["source_partition"], h["source_offset"]) for h in letters}) == len(poison)

@@ -12,6 +12,7 @@ from astral.sun import elevation
 
 from cityops.common.kinds import Kind
 from cityops.common.registry import Device
+from tests.integration.kafka_support import StackKafka
 from tests.integration.rules_support import (
     Feed,
     make_rules_env,
@@ -126,9 +127,9 @@ SHORT_HOLD = {"bin_tipped", "lamp_out", "overstay"}
 
 
 async def test_every_default_rule_opens_and_auto_resolves(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+    kafka_topics: Any, kafka: StackKafka, database_url: str
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     suffix = uuid.uuid4().hex[:6]
     ids = {rule: f"{rule.replace('_', '-')}-{suffix}" for rule in CASES}
     await register(
@@ -189,9 +190,9 @@ async def test_every_default_rule_opens_and_auto_resolves(
 
 
 async def test_status_offline_raises_at_once_and_any_message_clears(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+    kafka_topics: Any, kafka: StackKafka, database_url: str
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     device_id = f"sl-{uuid.uuid4().hex[:8]}"
     await register(
         database_url, Device(device_id=device_id, kind=Kind.STREETLIGHT, reporting_interval_s=600)

@@ -14,6 +14,7 @@ from cityops.common.kinds import Kind
 from cityops.common.registry import Device
 from cityops.rules.config import default_rules_path
 from tests.helpers import wait_for
+from tests.integration.kafka_support import StackKafka
 from tests.integration.rules_support import (
     Feed,
     make_rules_env,
@@ -30,9 +31,9 @@ pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
 
 async def test_silent_device_goes_offline_within_three_intervals_and_recovers(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+    kafka_topics: Any, kafka: StackKafka, database_url: str
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     suffix = uuid.uuid4().hex[:6]
     silent, chatty = f"pk-silent-{suffix}", f"pk-chatty-{suffix}"
     await register(
@@ -59,9 +60,9 @@ async def test_silent_device_goes_offline_within_three_intervals_and_recovers(
 
 
 async def test_registry_devices_never_heard_from_go_offline(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+    kafka_topics: Any, kafka: StackKafka, database_url: str
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     suffix = uuid.uuid4().hex[:6]
     early, late = f"mh-early-{suffix}", f"mh-late-{suffix}"
     await register(database_url, Device(device_id=early, kind=Kind.MANHOLE, reporting_interval_s=1))
@@ -91,9 +92,9 @@ def short_sla_rules(tmp_path: Path) -> Path:
 
 
 async def test_overdue_ticket_escalates_once_per_sla_period(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str, tmp_path: Path
+    kafka_topics: Any, kafka: StackKafka, database_url: str, tmp_path: Path
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     device_id = f"wb-late-{uuid.uuid4().hex[:6]}"
     await register(
         database_url, Device(device_id=device_id, kind=Kind.WASTEBIN, reporting_interval_s=3600)

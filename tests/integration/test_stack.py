@@ -12,13 +12,15 @@ from collections.abc import Mapping
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from paho.mqtt.enums import MQTTProtocolVersion
 
+from cityops.common.kafka import kafka_consumer, kafka_producer
 from cityops.stack.layout import StackPaths, repo_root
 from cityops.stack.probes import mqtt_connect_reason
 from tests.helpers import MqttTestClient, wait_for
 from tests.integration.conftest import MakeTopics, MqttSettings, ProvisionDevice, edit_devices
+from tests.integration.kafka_support import StackKafka
 
 NOT_AUTHORIZED = 0x87
 BAD_CREDENTIALS = 0x86
@@ -26,13 +28,11 @@ BAD_CREDENTIALS = 0x86
 
 @pytest.mark.kafka
 async def test_kafka_idempotent_produce_then_group_consume_and_commit(
-    kafka_bootstrap: str, kafka_topics: MakeTopics
+    kafka: StackKafka, kafka_topics: MakeTopics
 ) -> None:
     topic = (await kafka_topics("stack.roundtrip", partitions=3))["stack.roundtrip"]
     sent = {f"reading-{n}".encode() for n in range(60)}
-    producer = AIOKafkaProducer(
-        bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all"
-    )
+    producer = kafka_producer(kafka.admin, enable_idempotence=True, acks="all")
     await producer.start()
     try:
         deliveries = [
@@ -44,9 +44,9 @@ async def test_kafka_idempotent_produce_then_group_consume_and_commit(
         await producer.stop()
 
     group = f"test-stack-{uuid.uuid4().hex[:8]}"
-    consumer = AIOKafkaConsumer(
+    consumer = kafka_consumer(
+        kafka.admin,
         topic,
-        bootstrap_servers=kafka_bootstrap,
         group_id=group,
         auto_offset_reset="earliest",
         enable_auto_commit=False,

@@ -11,6 +11,7 @@ from aiokafka.errors import KafkaTimeoutError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
+from cityops.common.kafka import KafkaAccess
 from cityops.ingest.kafka_sink import (
     KafkaSink,
     KeyPartitioner,
@@ -138,7 +139,7 @@ class FakeProducer:
 
 def sink_with(producer: FakeProducer) -> KafkaSink:
     sink = KafkaSink(
-        bootstrap="unused",
+        access=KafkaAccess("unused:9092"),
         client_id="unit",
         compression="none",
         max_batch_bytes=16_384,
