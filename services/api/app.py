@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import FastAPI
@@ -81,6 +82,7 @@ _PROBLEM_SCHEMA: dict[str, Any] = {
 # Every JSON body is small (a device, a transition, a key); imports set their own limit.
 MAX_JSON_BODY_BYTES = 64 * 1024
 _ERRORS = {
+    "400": "The body could not be parsed (not JSON, or not the declared format)",
     "401": "No valid API key",
     "403": "The API key lacks the scope",
     "404": "Not found",
@@ -103,8 +105,10 @@ def problem_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                 codes |= {"401", "403"}
             if "{" in path:
                 codes.add("404")
+            if "requestBody" in operation:
+                codes.add("400")
             if path.endswith(":import"):
-                codes |= {"400", "413", "415"}
+                codes |= {"413", "415"}
             if method == "post" and not path.endswith(":import"):
                 codes.add("409")  # taken names / ids, stale versions
             codes |= {code for code in responses if code.startswith("4")}
@@ -159,6 +163,44 @@ class BodyLimit:
             return message
 
         await self._app(scope, counted, send)
+
+
+class InputGuard:
+    """ASGI middleware: 422 problem+json for a NUL character in the path or a query parameter.
+
+    PostgreSQL cannot store or compare text with NUL, and `%00` reaches every route through
+    path and query parameters; refusing it here covers them all. (Lone surrogates cannot
+    arrive this way: percent-decoding replaces invalid UTF-8.) Bodies are checked by the
+    field types of `fields.py`.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on unless its path or query holds a NUL."""
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        field = None
+        if "\x00" in scope["path"]:
+            field = "path"
+        elif b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]:
+            pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+            field = next((f"query.{n}" for n, v in pairs if "\x00" in n + v), "query")
+        if field is None:
+            await self._app(scope, receive, send)
+            return
+        body = problem_body(
+            status=422,
+            title="Invalid request",
+            detail=f"{field}: contains a NUL character (%00)",
+            problem="validation",
+            instance=scope["path"].replace("\x00", "%00"),
+            errors=[{"field": field, "message": "contains a NUL character (%00)"}],
+        )
+        response = Response(orjson.dumps(body), 422, media_type=PROBLEM_JSON)
+        await response(scope, receive, send)
 
 
 def create_app(context: ApiContext, *, registry: CollectorRegistry) -> FastAPI:
@@ -217,5 +259,6 @@ def create_app(context: ApiContext, *, registry: CollectorRegistry) -> FastAPI:
         json_limit=MAX_JSON_BODY_BYTES,
         import_limit=context.settings.api_import_max_bytes,
     )
+    app.add_middleware(InputGuard)
     app.add_middleware(RequestMetrics, metrics=context.metrics)
     return app

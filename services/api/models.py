@@ -7,15 +7,14 @@ import typing
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    field_validator,
     model_validator,
 )
 
+from cityops.api.fields import Metadata, SafeText
 from cityops.common.events import (
     ManholeReading,
     ParkingReading,
@@ -26,12 +25,11 @@ from cityops.common.kinds import Kind, Priority, TicketStatus
 from cityops.common.topics import DEVICE_ID_PATTERN
 
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN, min_length=3, max_length=64)]
-District = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
-Zone = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
+District = Annotated[SafeText, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
+Zone = Annotated[SafeText, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
 Latitude = Annotated[float, Field(ge=-90, le=90)]
 Longitude = Annotated[float, Field(ge=-180, le=180)]
 ReportingInterval = Annotated[int, Field(ge=1, le=604_800)]
-MAX_METADATA_BYTES = 8192
 
 _READING_MODELS: dict[Kind, type[BaseModel]] = {
     Kind.STREETLIGHT: StreetlightReading,
@@ -64,12 +62,6 @@ MEASURE_FIELDS: dict[Kind, frozenset[str]] = {
 }
 
 
-def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
-    if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
-        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes of JSON")
-    return value
-
-
 class _Input(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -84,10 +76,8 @@ class DeviceCreate(_Input):
     lat: Latitude | None = None
     lon: Longitude | None = None
     reporting_interval_s: ReportingInterval | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     enabled: bool = True
-
-    _metadata = field_validator("metadata")(_check_metadata)
 
     @model_validator(mode="after")
     def _both_coordinates(self) -> DeviceCreate:
@@ -104,13 +94,8 @@ class DevicePatch(_Input):
     lat: Latitude | None = None
     lon: Longitude | None = None
     reporting_interval_s: ReportingInterval | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
     enabled: bool | None = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if value is None else _check_metadata(value)
 
 
 class DeviceStateOut(BaseModel):
@@ -307,9 +292,9 @@ class TransitionIn(_Input):
 
     to: TicketStatus
     version: int = Field(ge=1, le=2**31 - 1)
-    assignee: Annotated[str, Field(min_length=1, max_length=128)] | None = None
-    resolution: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    note: Annotated[str, Field(max_length=2000)] | None = None
+    assignee: Annotated[SafeText, Field(min_length=1, max_length=128)] | None = None
+    resolution: Annotated[SafeText, Field(min_length=1, max_length=200)] | None = None
+    note: Annotated[SafeText, Field(max_length=2000)] | None = None
 
 
 class DistrictOut(BaseModel):

@@ -10,12 +10,15 @@ from datetime import datetime, timedelta
 
 import orjson
 
+from cityops.api.fields import INT64_MAX, INT64_MIN, text_problem
+
 MAX_BUCKETS = 10_000
 MAX_WINDOW = timedelta(days=366)
 DEFAULT_WINDOW = timedelta(hours=24)
 _BUCKET_RE = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 _MAX_CURSOR = 512
+_MAX_CURSOR_KEY = 64  # the longest sort key a list returns (a device id)
 
 
 class ParamError(ValueError):
@@ -41,9 +44,14 @@ def decode_cursor(cursor: str, *, kind: type[str] | type[int]) -> str | int:
         after = orjson.loads(raw)["a"]
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:
         raise ParamError("cursor", "not a cursor this API returned") from exc
-    if kind is int and (isinstance(after, bool) or not isinstance(after, int)):
-        raise ParamError("cursor", "not a cursor this API returned")
-    if kind is str and not isinstance(after, str):
+    # A forged cursor may hold anything JSON can: only keys a list could have returned pass.
+    if kind is int:
+        valid = not isinstance(after, bool) and isinstance(after, int)
+        valid = valid and INT64_MIN <= after <= INT64_MAX
+    else:
+        valid = isinstance(after, str) and len(after) <= _MAX_CURSOR_KEY
+        valid = valid and text_problem(after) is None
+    if not valid:
         raise ParamError("cursor", "not a cursor this API returned")
     return after  # type: ignore[no-any-return]  # checked just above
 

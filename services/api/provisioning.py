@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 
 from cityops.api.db import Conn
+from cityops.api.fields import loads_exact
 from cityops.api.metrics import ApiMetrics
 from cityops.api.models import DeviceCreate, ImportRowError
 from cityops.api.problems import field_errors
@@ -214,7 +214,7 @@ def _csv_value(column: str, text: str) -> Any:
     if text == "":
         return None
     if column == "metadata":
-        return orjson.loads(text)
+        return loads_exact(text)
     if column in {"lat", "lon"}:
         return float(text)
     if column == "reporting_interval_s":
@@ -276,8 +276,8 @@ def parse_import(text: str, *, fmt: str, max_rows: int) -> ParsedImport:
             if number > max_rows:
                 raise ValueError(f"more than {max_rows} rows")
             try:
-                records.append((number, orjson.loads(line)))
-            except orjson.JSONDecodeError as exc:
+                records.append((number, loads_exact(line)))
+            except ValueError as exc:
                 records.append((number, ValueError(f"not JSON: {exc}")))
     for number, record in records:
         device_id = record.get("device_id") if isinstance(record, dict) else None

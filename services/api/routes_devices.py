@@ -9,10 +9,10 @@ from typing import Annotated, Any, Literal
 import asyncpg
 import orjson
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import AwareDatetime
 
 from cityops.api import store_devices, store_readings
 from cityops.api.context import Admin, Context, Reader
+from cityops.api.fields import Instant
 from cityops.api.models import (
     MEASURE_FIELDS,
     DeviceCreate,
@@ -398,11 +398,9 @@ async def get_readings(
     _: Reader,
     device_id: str,
     start: Annotated[
-        AwareDatetime | None, Query(alias="from", description="RFC 3339; default to - 24 h")
+        Instant | None, Query(alias="from", description="RFC 3339; default to - 24 h")
     ] = None,
-    end: Annotated[
-        AwareDatetime | None, Query(alias="to", description="RFC 3339; default now")
-    ] = None,
+    end: Annotated[Instant | None, Query(alias="to", description="RFC 3339; default now")] = None,
     field: Annotated[str | None, Query(max_length=64, description="One measured field")] = None,
     bucket: Annotated[
         str | None, Query(max_length=16, description="Aggregate per bucket: 30s, 15m, 1h, 1d")
