@@ -6,6 +6,11 @@ Kafka. Profiling a bare paho client (docs/ingest.md) showed most of each message
 going to three `recv` system calls per packet (command byte, length byte, body) and one `send`
 per PUBACK; `_BufferedClient` serves paho's reads from one large `recv` and coalesces its writes
 into one `send` per loop turn. Those are private hooks of paho 2.x (pinned < 3 in pyproject).
+
+Reconnects: the first retry after a lost connection comes at once (`Backoff`), later ones back
+off up to 15 s, and the backoff starts over once a connection got its subscription granted. The
+shared subscriptions are sent on every CONNACK whatever `session_present` says: Mosquitto 2.0.11
+restores the session after a restart but not its `$share/...` subscriptions (issue 11, row 1).
 """
 
 from __future__ import annotations
@@ -32,6 +37,29 @@ SUBSCRIPTIONS = ("city/+/+/telemetry", "city/+/+/status")
 _PUBACK = b"\x40\x02"  # PUBACK fixed header + remaining length 2; the packet id follows
 
 
+class Backoff:
+    """Delays between connection attempts: a fast first retry, then doubling up to a cap."""
+
+    def __init__(self, *, first_s: float = 0.1, base_s: float = 0.5, cap_s: float = 15.0) -> None:
+        self._first_s = first_s
+        self._base_s = base_s
+        self._cap_s = cap_s
+        self._next_s: float | None = None
+
+    def reset(self) -> None:
+        """A connection worked: the next loss retries after `first_s` again."""
+        self._next_s = None
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt."""
+        if self._next_s is None:
+            self._next_s = self._base_s
+            return self._first_s
+        delay = self._next_s
+        self._next_s = min(delay * 2, self._cap_s)
+        return delay
+
+
 @dataclass(frozen=True, slots=True)
 class Inbound:
     """One received PUBLISH: enough to validate it and to acknowledge it later."""
@@ -40,6 +68,7 @@ class Inbound:
     topic: bytes
     payload: bytes
     generation: int
+    retained: bool = False  # RETAIN set: a replay of a stored message, never a new reading
 
 
 def parse_qos1_publishes(
@@ -49,12 +78,13 @@ def parse_qos1_publishes(
 
     Appends up to `limit` (packet id, topic bytes, payload) to `out` and returns the position
     after the last one parsed. Stops, leaving the bytes for paho, at anything else: another
-    packet type or QoS, an incomplete packet, or a malformed one (paho then reports it).
+    packet type or QoS, RETAIN set (rare; paho's message carries the flag), an incomplete
+    packet, or a malformed one (paho then reports it).
     """
     end_of_data = len(buf)
     while limit > 0 and pos < end_of_data:
-        # Type 3 (PUBLISH) with QoS bits 01; DUP (0x08) and RETAIN (0x01) may be either.
-        if buf[pos] & 0xF6 != 0x32:
+        # Type 3 (PUBLISH) with QoS bits 01 and RETAIN (0x01) clear; DUP (0x08) may be either.
+        if buf[pos] & 0xF7 != 0x32:
             break
         length = 0
         shift = 0
@@ -136,6 +166,7 @@ class MqttSource:
         keepalive_s: int,
         on_messages: Callable[[list[Inbound]], None],
         on_connection_change: Callable[[bool], None] | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -146,6 +177,7 @@ class MqttSource:
         self._keepalive_s = keepalive_s
         self._on_messages = on_messages
         self._on_connection_change = on_connection_change
+        self._backoff = backoff or Backoff()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._batch: list[Inbound] = []
@@ -156,6 +188,7 @@ class MqttSource:
         self._misc_timer: asyncio.TimerHandle | None = None
         self._disconnected: asyncio.Event = asyncio.Event()
         self._subscribed: asyncio.Event = asyncio.Event()
+        self._granted_this_connection = False
         self.generation = 0
         self.connected = False
         self.reconnects = 0
@@ -183,17 +216,16 @@ class MqttSource:
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stay connected until `stop`; reconnect with capped exponential backoff."""
+        """Stay connected until `stop`; reconnect at once, then with capped exponential backoff."""
         self._loop = asyncio.get_running_loop()
-        delay = 0.5
+        backoff = self._backoff
         while not stop.is_set():
             self._disconnected.clear()
+            self._granted_this_connection = False
             try:
                 self._connect()
             except (OSError, TimeoutError) as exc:
-                log.warning(
-                    "mqtt connect failed: %s", exc, extra={"host": self._host, "retry_in_s": delay}
-                )
+                log.warning("mqtt connect failed: %s", exc, extra={"host": self._host})
             else:
                 stopped = asyncio.ensure_future(stop.wait())
                 gone = asyncio.ensure_future(self._disconnected.wait())
@@ -202,12 +234,14 @@ class MqttSource:
                 gone.cancel()
                 if stop.is_set():
                     return
-                if self.connected:
-                    delay = 0.5
+            # Not `self.connected`: _on_disconnect has cleared it by now (issue 11, row 4).
+            if self._granted_this_connection:
+                backoff.reset()
+            delay = backoff.next_delay()
+            log.info("mqtt reconnecting in %.1f s", delay, extra={"retry_in_s": delay})
             try:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             except TimeoutError:
-                delay = min(delay * 2, 15.0)
                 self.reconnects += 1
 
     def _connect(self) -> None:
@@ -355,9 +389,13 @@ class MqttSource:
         _properties: Properties | None,
     ) -> None:
         if any(r.is_failure for r in reasons):
+            # Connected but fed nothing would be an outage that looks healthy: reconnect (with
+            # backoff, since nothing was granted) until the broker grants the subscription.
             log.error("mqtt subscription refused: %s", [str(r) for r in reasons])
+            self._client.disconnect()
             return
         log.info("mqtt subscribed", extra={"share_group": self._share_group})
+        self._granted_this_connection = True
         self._subscribed.set()
 
     def _on_disconnect(
@@ -380,7 +418,13 @@ class MqttSource:
     def _on_inbound(self, message: paho.MQTTMessage) -> None:
         # The raw topic bytes: `message.topic` raises on invalid UTF-8, which must dead-letter.
         self._batch.append(
-            Inbound(message.mid, bytes(message._topic), bytes(message.payload), self.generation)
+            Inbound(
+                message.mid,
+                bytes(message._topic),
+                bytes(message.payload),
+                self.generation,
+                bool(message.retain),
+            )
         )
 
     # ---- socket events -------------------------------------------------------------------

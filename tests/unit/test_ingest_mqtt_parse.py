@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
-from cityops.ingest.mqtt_source import Inbound, MqttSource, parse_qos1_publishes
+from cityops.ingest.mqtt_source import Backoff, Inbound, MqttSource, parse_qos1_publishes
+from tests.helpers import wait_for
 
 
 def varint(n: int) -> bytes:
@@ -58,13 +64,21 @@ def test_every_remaining_length_encoding_is_read(size: int) -> None:
     assert (end, out) == (len(packet), [(7, b"t/x", payload)])
 
 
-def test_dup_and_retain_flags_do_not_matter_and_raw_topic_bytes_are_kept() -> None:
-    retained = bytearray(publish(3, b"t", b"r"))
-    retained[0] |= 0x01
-    buf = publish(2, b"city/\xff\xfe/x", b"p", dup=True) + bytes(retained)
+def retained(packet: bytes) -> bytes:
+    return bytes([packet[0] | 0x01]) + packet[1:]
+
+
+def test_the_dup_flag_does_not_matter_and_raw_topic_bytes_are_kept() -> None:
+    buf = publish(2, b"city/\xff\xfe/x", b"p", dup=True) + publish(3, b"t", b"r")
     end, out = parse(buf)
     assert end == len(buf)
     assert out == [(2, b"city/\xff\xfe/x", b"p"), (3, b"t", b"r")]
+
+
+def test_a_retained_publish_is_left_for_paho() -> None:
+    first = publish(1, b"t", b"a")
+    end, out = parse(first + retained(publish(2, b"t", b"b")) + publish(3, b"t", b"c"))
+    assert (end, out) == (len(first), [(1, b"t", b"a")])
 
 
 @pytest.mark.parametrize(
@@ -183,6 +197,28 @@ def test_paho_finishes_a_packet_it_started_before_the_fast_path_resumes(
     assert [(m.mid, m.payload) for m in received] == [(1, b"one"), (2, b"two")]
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_retained_deliveries_are_marked_and_the_others_are_not(
+    protocol: str, make_source: MakeSource
+) -> None:
+    """RETAIN comes through paho's path onto Inbound.retained, between fast-path messages."""
+    received: list[Inbound] = []
+    made = make_source(received, protocol=protocol)
+    v5_props = b"\x00" if protocol == "5" else b""
+
+    def packet(mid: int, payload: bytes) -> bytes:
+        topic = b"city/parking/pk-1/telemetry"
+        body = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + v5_props + payload
+        return bytes([0x32]) + varint(len(body)) + body
+
+    feed(made, packet(1, b"live") + retained(packet(2, b"replay")) + packet(3, b"live"))
+    assert [(m.mid, m.payload, m.retained) for m in received] == [
+        (1, b"live", False),
+        (2, b"replay", True),
+        (3, b"live", False),
+    ]
+
+
 def test_mqtt5_framing_goes_through_paho(make_source: MakeSource) -> None:
     received: list[Inbound] = []
     made = make_source(received, protocol="5")
@@ -223,3 +259,62 @@ def test_acks_are_puback_packets_written_once_per_loop_turn_and_only_for_this_co
     finally:
         a.close()
         b.close()
+
+
+class ScriptedConnections:
+    """Plays a broker's answers to successive connection attempts through the real callbacks."""
+
+    def __init__(self, made: MqttSource, script: list[str]) -> None:
+        self.made = made
+        self.script = script
+        self.attempts = 0
+
+    def __call__(self) -> None:
+        step = self.script[self.attempts] if self.attempts < len(self.script) else "refused"
+        self.attempts += 1
+        made = self.made
+        loop = asyncio.get_running_loop()
+        if step == "refused":
+            raise ConnectionRefusedError("broker down")
+        flags = paho.ConnectFlags(session_present=True)
+        made._on_connect(
+            made._client, None, flags, ReasonCode(PacketTypes.CONNACK, "Success"), None
+        )
+        code = "Granted QoS 1" if step == "granted" else "Not authorized"
+        suback = [ReasonCode(PacketTypes.SUBACK, code)]
+        loop.call_soon(made._on_subscribe, made._client, None, 1, suback, None)
+        flags_gone = paho.DisconnectFlags(is_disconnect_packet_from_server=False)
+        disconnect = ReasonCode(PacketTypes.DISCONNECT, "Unspecified error")
+        loop.call_later(0.01, made._on_disconnect, made._client, None, flags_gone, disconnect, None)
+
+
+async def test_the_backoff_starts_over_after_a_granted_subscription(
+    caplog: pytest.LogCaptureFixture, make_source: MakeSource
+) -> None:
+    """Issue 11 row 4: the old loop read `connected` after the disconnect had cleared it."""
+    made = make_source([])
+    made._sock = made._client._sock = None
+    made._backoff = Backoff(first_s=0.01, base_s=0.02, cap_s=0.08)
+    script = ["granted", "refused", "refused", "granted", "denied", "denied", "refused", "granted"]
+    connections = ScriptedConnections(made, script)
+    made._connect = connections  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    caplog.set_level(logging.INFO, logger="cityops.ingest.mqtt_source")
+    task = asyncio.create_task(made.run(stop))
+    await wait_for(lambda: connections.attempts > len(script), timeout=10)
+    stop.set()
+    await task
+    delays = [
+        r.__dict__["retry_in_s"]
+        for r in caplog.records
+        if r.getMessage().startswith("mqtt reconnecting")
+    ]
+    # granted: fast retry; refusals back off; a refused subscription counts as no connection
+    assert delays[:8] == [0.01, 0.02, 0.04, 0.01, 0.02, 0.04, 0.08, 0.01]
+
+
+def test_backoff_is_fast_first_then_doubles_to_the_cap() -> None:
+    backoff = Backoff(first_s=0.1, base_s=0.5, cap_s=3.0)
+    assert [backoff.next_delay() for _ in range(6)] == [0.1, 0.5, 1.0, 2.0, 3.0, 3.0]
+    backoff.reset()
+    assert [backoff.next_delay() for _ in range(2)] == [0.1, 0.5]
