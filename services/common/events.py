@@ -6,7 +6,7 @@ Edges parse bytes into these models; everything downstream works on the models.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -17,9 +17,19 @@ from cityops.common.topics import DEVICE_ID_PATTERN
 
 MAX_PAYLOAD_BYTES = 4096
 
+# Every value must fit every store downstream (issue 12, row 1: a year-1 `ts` stopped the
+# projector). Times: before 2000 is an unset sensor clock, and a fixed far bound keeps a record
+# produced straight into Kafka representable in UTC; ingest also refuses ts > now + skew.
+EARLIEST_TS = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_TS = datetime(2100, 1, 1, tzinfo=UTC)
+# Numbers: finite (allow_inf_nan=False), and open-ended quantities capped far above anything
+# physical, so a sum over years of readings stays a finite float64 in PostgreSQL's aggregates.
+MAX_QUANTITY = 1_000_000.0
+
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN, min_length=3, max_length=64)]
+SensorTime = Annotated[AwareDatetime, Field(ge=EARLIEST_TS, lt=LATEST_TS)]
 Percent = Annotated[float, Field(ge=0, le=100)]
-NonNegative = Annotated[float, Field(ge=0)]
+NonNegative = Annotated[float, Field(ge=0, le=MAX_QUANTITY)]
 TiltDeg = Annotated[float, Field(ge=0, le=180)]
 
 # strict: no "5" -> 5 or 1 -> True coercions; a sensor that sends the wrong JSON type is wrong.
@@ -32,7 +42,9 @@ class _ReadingBase(BaseModel):
     model_config = _STRICT
 
     device_id: DeviceId
-    ts: AwareDatetime = Field(description="When the sensor measured; RFC 3339 with an offset.")
+    ts: SensorTime = Field(
+        description="When the sensor measured: RFC 3339 with an offset, 2000-01-01 to 2100-01-01."
+    )
     seq: int = Field(ge=0, le=2**63 - 1, description="Per-device counter, +1 per reading.")
     battery_pct: Percent | None = None
     rssi_dbm: Annotated[float, Field(ge=-150, le=0)] | None = None
@@ -89,7 +101,7 @@ class StatusPayload(BaseModel):
     model_config = _STRICT
 
     online: bool
-    ts: AwareDatetime | None = None
+    ts: SensorTime | None = None
 
 
 STATUS_ADAPTER: TypeAdapter[StatusPayload] = TypeAdapter(StatusPayload)
@@ -103,7 +115,7 @@ class StatusEvent(BaseModel):
     device_id: DeviceId
     kind: Kind
     online: bool
-    ts: AwareDatetime | None = None
+    ts: SensorTime | None = None
     received_at: AwareDatetime
     ingest_id: str
 

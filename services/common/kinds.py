@@ -24,7 +24,10 @@ class RejectReason(StrEnum):
     ID_MISMATCH = "id_mismatch"
     UNKNOWN_DEVICE = "unknown_device"
     CLOCK_SKEW = "clock_skew"
+    TS_OUT_OF_RANGE = "ts_out_of_range"
     RATE_LIMITED = "rate_limited"
+    RETAINED = "retained"
+    UNPROCESSABLE = "unprocessable"
 
 
 class Priority(StrEnum):

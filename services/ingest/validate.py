@@ -2,11 +2,12 @@
 
 size -> topic -> JSON -> schema -> topic/payload identity -> registry -> clock skew -> rate limit.
 No I/O: the registry is a read-only view and the rate limiter is passed in, time is passed in.
+The schema bounds every value to what the stores downstream accept (cityops.common.events): a
+`ts` outside its window is `ts_out_of_range` (before 2000) or `clock_skew` (the future).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -35,7 +36,6 @@ _READING_VALIDATOR = READING_ADAPTER.validator
 _READING_SERIALIZER = READING_ADAPTER.serializer
 
 MAX_DETAIL_CHARS = 400
-MAX_TOPIC_HEADER_BYTES = 1024
 
 
 class RegistryView(Protocol):
@@ -92,8 +92,31 @@ def _is_json_error(exc: ValidationError) -> bool:
     return any(error["type"] == "json_invalid" for error in exc.errors(include_url=False))
 
 
+# The schema's own bounds on `ts` (events.SensorTime), by pydantic error type.
+_TS_BOUND_REASONS = {
+    "greater_than_equal": RejectReason.TS_OUT_OF_RANGE,
+    "less_than": RejectReason.CLOCK_SKEW,
+}
+
+
+def _schema_reason(exc: ValidationError) -> RejectReason:
+    """`schema`, unless the failure is `ts` outside its window (a reason of its own)."""
+    for error in exc.errors(include_url=False, include_input=False):
+        if error["loc"] and error["loc"][-1] == "ts" and error["type"] in _TS_BOUND_REASONS:
+            return _TS_BOUND_REASONS[error["type"]]
+    return RejectReason.SCHEMA
+
+
 def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
-    """Bound a free-text detail so a hostile payload cannot inflate a header."""
+    """Bound a free-text detail and make it printable UTF-8 (payload keys can hold NUL).
+
+    A schema error names the offending key, which a hostile payload chooses: control
+    characters are escaped and lone surrogates replaced, so a header never breaks a consumer.
+    """
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -154,6 +177,17 @@ class Validator:
             return self._telemetry(where, key, payload, now)
         return self._status(where, key, payload, now)
 
+    def refuse_retained(self, mqtt_topic: str) -> Rejected:
+        """A delivery with RETAIN set: a stored message replayed at subscribe, not a reading."""
+        detail = "delivered with RETAIN set: a replay of a stored message, not a new one"
+        try:
+            where = parse_topic(mqtt_topic)
+        except TopicError:
+            return Rejected(RejectReason.RETAINED, detail, _device_id_guess(mqtt_topic))
+        return Rejected(
+            RejectReason.RETAINED, detail, where.device_id.encode(), where.kind, where.channel
+        )
+
     def _too_large(self, payload: bytes) -> str:
         return f"payload is {len(payload)} bytes; the limit is {self._max_payload_bytes}"
 
@@ -170,7 +204,7 @@ class Validator:
         except ValidationError as exc:
             if _is_json_error(exc):
                 return reject(RejectReason.NOT_JSON, f"not JSON: {exc.errors()[0]['msg']}")
-            return reject(RejectReason.SCHEMA, _schema_detail(exc))
+            return reject(_schema_reason(exc), _schema_detail(exc))
         if reading.device_id != where.device_id:
             return reject(
                 RejectReason.ID_MISMATCH,
@@ -203,7 +237,7 @@ class Validator:
         except ValidationError as exc:
             if _is_json_error(exc):
                 return reject(RejectReason.NOT_JSON, f"not JSON: {exc.errors()[0]['msg']}")
-            return reject(RejectReason.SCHEMA, _schema_detail(exc))
+            return reject(_schema_reason(exc), _schema_detail(exc))
         refused = self._registered(where)
         if refused is not None:
             return reject(RejectReason.UNKNOWN_DEVICE, refused)
@@ -267,17 +301,3 @@ def _device_id_guess(mqtt_topic: str) -> bytes | None:
     if len(parts) >= 3 and parts[0] == "city" and is_valid_device_id(parts[2]):
         return parts[2].encode()
     return None
-
-
-def deadletter_headers(
-    rejected: Rejected, *, mqtt_topic: str, received_at: datetime, ingest_id: str
-) -> Sequence[tuple[str, bytes]]:
-    """The A4 dead-letter headers: reason, detail, mqtt_topic, received_at (and who refused)."""
-    topic_bytes = mqtt_topic.encode("utf-8", "replace")[:MAX_TOPIC_HEADER_BYTES]
-    return (
-        ("reason", rejected.reason.value.encode()),
-        ("detail", rejected.detail.encode()),
-        ("mqtt_topic", topic_bytes),
-        ("received_at", received_at.isoformat().encode()),
-        ("ingest_id", ingest_id.encode()),
-    )

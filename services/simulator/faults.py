@@ -19,7 +19,13 @@ from cityops.common.topics import TOPIC_ROOT, telemetry_topic
 from cityops.simulator.behaviours import format_ts
 
 CLOCK_SKEW_AHEAD = timedelta(minutes=10)  # the contract tolerates 5 minutes
+UNSET_CLOCK = "1970-01-01T00:00:07Z"  # a sensor whose real-time clock lost its time
 DEFAULT_RATE_LIMIT_BURST = 200
+# What a simulated device can cause; `retained` needs a RETAIN flag the simulator does not set,
+# `unprocessable` is ingest's own failure.
+INJECTABLE: tuple[RejectReason, ...] = tuple(
+    r for r in RejectReason if r not in {RejectReason.RETAINED, RejectReason.UNPROCESSABLE}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,17 +47,14 @@ def parse_fault_spec(spec: str) -> tuple[RejectReason, ...]:
     if text in {"", "none"}:
         return ()
     if text == "all":
-        return tuple(RejectReason)
+        return INJECTABLE
     reasons: list[RejectReason] = []
     for part in text.split(","):
         name = part.strip()
-        try:
-            reason = RejectReason(name)
-        except ValueError:
-            known = ", ".join(r.value for r in RejectReason)
-            raise FaultSpecError(
-                f"unknown fault {name!r}; expected all, none or: {known}"
-            ) from None
+        reason = next((r for r in INJECTABLE if r.value == name), None)
+        if reason is None:
+            known = ", ".join(r.value for r in INJECTABLE)
+            raise FaultSpecError(f"unknown fault {name!r}; expected all, none or: {known}")
         if reason not in reasons:
             reasons.append(reason)
     return tuple(reasons)
@@ -118,6 +121,15 @@ def clock_skew(reading: dict[str, Any], *, wall_now: datetime) -> FaultMessage:
         RejectReason.CLOCK_SKEW,
         telemetry_topic(reading["kind"], reading["device_id"]),
         _dump(skewed),
+    )
+
+
+def ts_out_of_range(reading: dict[str, Any]) -> FaultMessage:
+    """A reading stamped 1970 (a device whose real-time clock reset)."""
+    return FaultMessage(
+        RejectReason.TS_OUT_OF_RANGE,
+        telemetry_topic(reading["kind"], reading["device_id"]),
+        _dump(dict(reading, ts=UNSET_CLOCK)),
     )
 
 

@@ -338,6 +338,8 @@ class Fleet:
         elif reason is RejectReason.UNKNOWN_DEVICE:
             ghost = f"{ghost_prefix}{next(self._ghosts):06d}"
             messages = [faults.unknown_device(body, ghost_device_id=ghost)]
+        elif reason is RejectReason.TS_OUT_OF_RANGE:
+            messages = [faults.ts_out_of_range(body)]
         else:
             messages = [faults.clock_skew(body, wall_now=wall_now)]
         self.counters.faults += len(messages)

@@ -175,3 +175,35 @@ def test_status_event_round_trips() -> None:
         ingest_id="ingest-a",
     )
     assert decode_status(encode_status(event)) == event
+
+
+@pytest.mark.parametrize(
+    "ts", ["0001-01-01T00:00:00+14:00", "1999-12-31T23:59:59Z", "9999-12-31T23:59:59-14:00"]
+)
+def test_a_record_produced_straight_into_kafka_with_a_ts_no_store_takes_is_refused(
+    ts: str,
+) -> None:
+    """Consumers decode with the same bounds ingest validates with (issue 12, row 1)."""
+    value = orjson.dumps(
+        {
+            **VALID["wastebin"],
+            "ts": ts,
+            "seq": 1,
+            "received_at": "2026-11-26T08:15:01+00:00",
+            "ingest_id": "forged",
+        }
+    )
+    with pytest.raises(ValidationError, match="ts"):
+        decode_telemetry(value)
+    status = orjson.dumps(
+        {
+            "device_id": "wb-0042",
+            "kind": "wastebin",
+            "online": True,
+            "ts": ts,
+            "received_at": "2026-11-26T08:15:01+00:00",
+            "ingest_id": "forged",
+        }
+    )
+    with pytest.raises(ValidationError, match="ts"):
+        decode_status(status)

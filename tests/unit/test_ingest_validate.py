@@ -10,6 +10,7 @@ import pytest
 
 from cityops.common.events import decode_status, decode_telemetry, encode_telemetry, parse_reading
 from cityops.common.kinds import Kind, RejectReason
+from cityops.ingest.deadletters import deadletter_record
 from cityops.ingest.ratelimit import TokenBuckets
 from cityops.ingest.validate import (
     MAX_DETAIL_CHARS,
@@ -17,7 +18,6 @@ from cityops.ingest.validate import (
     OutputTopics,
     Rejected,
     Validator,
-    deadletter_headers,
 )
 
 NOW = datetime(2026, 11, 26, 8, 15, 30, tzinfo=UTC)
@@ -270,11 +270,17 @@ def test_status_from_unknown_device() -> None:
 
 def test_deadletter_headers_carry_the_contract_fields() -> None:
     result = rejected(make_validator().validate(topic("wastebin"), b"nope", NOW))
-    headers = dict(
-        deadletter_headers(
-            result, mqtt_topic=topic("wastebin"), received_at=NOW, ingest_id="ingest-test-1"
-        )
+    value, headers_list = deadletter_record(
+        result.reason,
+        result.detail,
+        b"nope",
+        mqtt_topic=topic("wastebin"),
+        received_at=NOW,
+        ingest_id="ingest-test-1",
+        prefix_bytes=4096,
     )
+    headers = dict(headers_list)
+    assert value == b"nope"
     assert headers["reason"] == b"not_json"
     assert headers["detail"]
     assert headers["mqtt_topic"] == b"city/wastebin/wb-0042/telemetry"
@@ -284,7 +290,16 @@ def test_deadletter_headers_carry_the_contract_fields() -> None:
 def test_huge_topics_are_clipped_in_headers() -> None:
     huge = "city/" + "x" * 10_000
     result = rejected(make_validator().validate(huge, b"{}", NOW))
-    headers = dict(deadletter_headers(result, mqtt_topic=huge, received_at=NOW, ingest_id="i"))
+    _, headers_list = deadletter_record(
+        result.reason,
+        result.detail,
+        b"{}",
+        mqtt_topic=huge,
+        received_at=NOW,
+        ingest_id="i",
+        prefix_bytes=4096,
+    )
+    headers = dict(headers_list)
     assert len(headers["mqtt_topic"]) <= 1024
     assert len(result.detail) <= MAX_DETAIL_CHARS
 
@@ -329,3 +344,118 @@ def test_the_topic_cache_is_bounded() -> None:
     for n in range(10):
         validator.validate(f"city/parking/pk-{n:04d}/telemetry", b"{}", NOW)
         assert len(validator._topics_seen) <= 3
+
+
+def raw(kind: str, extra: str) -> bytes:
+    """A reading whose JSON text is written by hand (escapes and numbers orjson would not make)."""
+    body = orjson.dumps({"kind": kind, "seq": 7, **FIELDS[kind]}).decode()
+    return (body[:-1] + "," + extra + "}").encode("utf-8", "surrogatepass")
+
+
+GOOD_TS = '"ts":"2026-11-26T08:15:00Z"'
+
+# Issue 12 row 1 and what else no store downstream takes: (kind, JSON text, reason).
+POISON: dict[str, tuple[str, str, RejectReason]] = {
+    "year 1 (+14:00 is year 0 in UTC)": (
+        "wastebin",
+        '"ts":"0001-01-01T00:00:00+14:00"',
+        RejectReason.TS_OUT_OF_RANGE,
+    ),
+    "unset sensor clock (1970)": (
+        "wastebin",
+        '"ts":"1970-01-01T00:00:00Z"',
+        RejectReason.TS_OUT_OF_RANGE,
+    ),
+    "just before 2000 in UTC": (
+        "wastebin",
+        '"ts":"2000-01-01T05:00:00+14:00"',
+        RejectReason.TS_OUT_OF_RANGE,
+    ),
+    "year 9999 (-14:00 is year 10000 in UTC)": (
+        "wastebin",
+        '"ts":"9999-12-31T23:59:59-14:00"',
+        RejectReason.CLOCK_SKEW,
+    ),
+    "NUL in a key": ("wastebin", GOOD_TS + ',"\\u0000":1', RejectReason.SCHEMA),
+    "NUL in a value": ("streetlight", GOOD_TS + ',"fault":"none\\u0000"', RejectReason.SCHEMA),
+    "escaped lone surrogate in a key": (
+        "wastebin",
+        GOOD_TS + ',"\\ud800":1',
+        RejectReason.NOT_JSON,
+    ),
+    "escaped lone surrogate in a value": (
+        "streetlight",
+        GOOD_TS + ',"fault":"\\udfff"',
+        RejectReason.NOT_JSON,
+    ),
+    "raw lone surrogate (not UTF-8)": ("wastebin", GOOD_TS + ',"\ud800":1', RejectReason.NOT_JSON),
+    "1e309 (beyond float64)": ("wastebin", GOOD_TS + ',"temperature_c":1e309', RejectReason.SCHEMA),
+    "-1e309": ("manhole", GOOD_TS + ',"gas_ppm":-1e309', RejectReason.SCHEMA),
+    "a 400-digit integer in a float field": (
+        "manhole",
+        GOOD_TS + ',"gas_ppm":' + "9" * 400,
+        RejectReason.SCHEMA,
+    ),
+    "finite but beyond any quantity": (
+        "streetlight",
+        GOOD_TS + ',"power_w":1e300',
+        RejectReason.SCHEMA,
+    ),
+    "seq beyond int64": (
+        "parking",
+        GOOD_TS.replace('"ts"', '"seq":9223372036854775808,"ts"'),
+        RejectReason.SCHEMA,
+    ),
+    "deep metadata": (
+        "parking",
+        GOOD_TS + ',"metadata":' + "[" * 500 + "]" * 500,
+        RejectReason.NOT_JSON,
+    ),
+    "shallow metadata (no such field)": (
+        "parking",
+        GOOD_TS + ',"metadata":{"a":{"b":1}}',
+        RejectReason.SCHEMA,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POISON))
+def test_the_poison_corpus_is_refused_with_its_reason_and_a_printable_detail(case: str) -> None:
+    kind, extra, reason = POISON[case]
+    payload = raw(kind, extra)
+    if case.startswith("seq beyond"):  # the second "seq" key replaces the first: this one counts
+        payload = payload.replace(b'"seq":7,', b"")
+    result = rejected(make_validator().validate(topic(kind), payload, NOW))
+    assert result.reason is reason, result.detail
+    assert result.detail.isprintable()
+    result.detail.encode("utf-8")  # no lone surrogate can reach a header
+
+
+def test_the_bounds_around_the_poison_are_accepted() -> None:
+    validator = make_validator()
+    for kind, extra in (
+        ("wastebin", '"ts":"2000-01-01T00:00:00Z"'),
+        ("wastebin", '"ts":"1999-12-31T20:00:00-05:00"'),  # 01:00 UTC on 2000-01-01
+        ("manhole", GOOD_TS + ',"gas_ppm":1000000'),
+        ("streetlight", GOOD_TS + ',"power_w":1e-300,"voltage_v":230.0'),
+        ("parking", GOOD_TS.replace('"ts"', '"seq":9223372036854775807,"ts"')),
+    ):
+        payload = raw(kind, extra).replace(b'"seq":7,', b"") if "seq" in extra else raw(kind, extra)
+        assert isinstance(validator.validate(topic(kind), payload, NOW), Accepted), extra
+
+
+def test_a_status_ts_is_bounded_like_a_reading() -> None:
+    validator = make_validator()
+    status_topic = topic("manhole", channel="status")
+    old = validator.validate(status_topic, b'{"online":true,"ts":"0001-01-01T00:00:00Z"}', NOW)
+    assert rejected(old).reason is RejectReason.TS_OUT_OF_RANGE
+
+
+def test_a_retained_delivery_is_refused_with_the_topics_device() -> None:
+    result = make_validator().refuse_retained(topic("wastebin"))
+    assert (result.reason, result.key, result.kind) == (
+        RejectReason.RETAINED,
+        b"wb-0042",
+        Kind.WASTEBIN,
+    )
+    assert make_validator().refuse_retained("city/x/wb-0042").key == b"wb-0042"

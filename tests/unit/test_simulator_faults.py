@@ -10,7 +10,7 @@ from cityops.common.kinds import Kind, RejectReason
 from cityops.ingest.ratelimit import TokenBuckets
 from cityops.ingest.validate import Accepted, Rejected, Validator
 from cityops.simulator.city import PLACES, build_city
-from cityops.simulator.faults import FaultSpecError, parse_fault_spec
+from cityops.simulator.faults import INJECTABLE, FaultSpecError, parse_fault_spec
 from cityops.simulator.fleet import Fleet
 
 NOW = datetime(2026, 11, 26, 9, 30, tzinfo=UTC)
@@ -54,7 +54,7 @@ def test_normal_telemetry_of_every_kind_is_accepted(fleet: Fleet) -> None:
     assert accepted == {kind.value for kind in Kind}
 
 
-@pytest.mark.parametrize("reason", [r for r in RejectReason if r is not RejectReason.RATE_LIMITED])
+@pytest.mark.parametrize("reason", [r for r in INJECTABLE if r is not RejectReason.RATE_LIMITED])
 def test_each_fault_is_refused_with_its_reason(fleet: Fleet, reason: RejectReason) -> None:
     check = validator(fleet)
     # several devices in turn, so every kind gets to be the faulty one
@@ -92,7 +92,7 @@ def test_faults_do_not_break_the_device_sequence(fleet: Fleet) -> None:
     [
         ("none", ()),
         ("", ()),
-        ("all", tuple(RejectReason)),
+        ("all", INJECTABLE),
         ("schema, topic,schema", (RejectReason.SCHEMA, RejectReason.TOPIC)),
     ],
 )
@@ -103,3 +103,5 @@ def test_parse_fault_spec(spec: str, expected: tuple[RejectReason, ...]) -> None
 def test_parse_fault_spec_names_the_unknown_fault() -> None:
     with pytest.raises(FaultSpecError, match="'duplicate'"):
         parse_fault_spec("schema,duplicate")
+    with pytest.raises(FaultSpecError, match="'retained'"):
+        parse_fault_spec("retained")

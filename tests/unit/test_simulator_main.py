@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cityops.common.events import parse_reading
-from cityops.common.kinds import RejectReason
 from cityops.simulator.city import build_city
+from cityops.simulator.faults import INJECTABLE
 from cityops.simulator.fleet import Fleet, SimClock
 from cityops.simulator.main import (
     RunOptions,
@@ -36,7 +36,7 @@ def test_demo_flags() -> None:
     )
     assert parsed.devices_per_kind == 50
     assert parsed.accelerate == 60.0
-    assert parsed.faults == tuple(RejectReason)
+    assert parsed.faults == INJECTABLE
     assert parsed.rate is None and parsed.mode == "gateway"
 
 
@@ -88,7 +88,7 @@ def test_settings_hide_secrets_and_check_urls(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_bare_faults_flag_means_all() -> None:
-    assert options("--faults").faults == tuple(RejectReason)
+    assert options("--faults").faults == INJECTABLE
     assert options().faults == ()
 
 
