@@ -39,6 +39,7 @@ from cityops.common.kafka import KafkaAccess, ensure_topics, kafka_producer
 from cityops.common.logs import configure_logging
 from cityops.common.ops import TaskSupervisor, stop_on_signals
 from cityops.common.setaside import SetAside
+from cityops.common.topics import DEADLETTER_TOPIC_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,7 @@ async def running_service(
             settings.topic_partitions,
         ),
         compacted={settings.topic_devices},
+        configs={settings.topic_deadletter: DEADLETTER_TOPIC_CONFIG},
     )
     pool = await create_pool(settings)
     producer = await start_producer(settings, stop)

@@ -17,6 +17,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
 from cityops.common.settings import KafkaSettings, principal_env_names
@@ -122,9 +124,16 @@ async def ensure_topics(
     *,
     topics: Mapping[str, int],
     compacted: Collection[str] = (),
+    configs: Mapping[str, Mapping[str, str]] | None = None,
     replication_factor: int = 1,
 ) -> list[str]:
-    """Create the missing topics (name -> partitions); returns the names created."""
+    """Create the missing topics (name -> partitions); returns the names created.
+
+    `configs` (name -> topic configs) are set at creation and also on a topic that exists
+    already, so a cap added later reaches old deployments. That update replaces the topic's
+    dynamic configs with exactly these (AlterConfigs); a failure is logged, not raised.
+    """
+    configs = configs or {}
     admin = kafka_admin(access)
     await admin.start()
     try:
@@ -134,7 +143,10 @@ async def ensure_topics(
                 name=name,
                 num_partitions=partitions,
                 replication_factor=replication_factor,
-                topic_configs={"cleanup.policy": "compact"} if name in compacted else {},
+                topic_configs={
+                    **({"cleanup.policy": "compact"} if name in compacted else {}),
+                    **configs.get(name, {}),
+                },
             )
             for name, partitions in topics.items()
             if name not in existing
@@ -142,9 +154,36 @@ async def ensure_topics(
         if missing:
             await admin.create_topics(missing)
             log.info("created topics", extra={"topics": [t.name for t in missing]})
+        to_update = [name for name in configs if name in existing and name in topics]
+        if to_update:
+            await _set_configs(admin, {name: configs[name] for name in to_update})
         return [t.name for t in missing]
     finally:
         await admin.close()
+
+
+async def _set_configs(
+    admin: AIOKafkaAdminClient, configs: Mapping[str, Mapping[str, str]]
+) -> None:
+    resources = [
+        ConfigResource(ConfigResourceType.TOPIC, name, dict(values))
+        for name, values in configs.items()
+    ]
+    try:
+        responses = await admin.alter_configs(resources)
+    except KafkaError as exc:
+        log.warning("could not set topic configs: %s", exc, extra={"topics": list(configs)})
+        return
+    for response in responses:
+        for error_code, error_message, _type, name in response.resources:
+            if error_code:
+                log.warning(
+                    "could not set the configs of topic %s: %s (error %s)",
+                    name,
+                    error_message,
+                    error_code,
+                    extra={"topic": name},
+                )
 
 
 @contextlib.contextmanager

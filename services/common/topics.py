@@ -1,16 +1,30 @@
-"""MQTT topic names: `city/{kind}/{device_id}/{channel}` (A2)."""
+"""MQTT topic names: `city/{kind}/{device_id}/{channel}` (A2), and Kafka topic configs (A4)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
 
 from cityops.common.kinds import KINDS, Kind
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.-]{3,64}$"
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 TOPIC_ROOT = "city"
+
+# The dead-letter topic is written by anyone who can reach ingest with bad bytes: it gets a size
+# cap (per partition; Kafka deletes whole closed segments, so a partition holds at most about
+# retention.bytes + segment.bytes) on top of the usual 7 days. Applied where topics are created
+# (cityops.common.kafka.ensure_topics), also to an existing topic.
+DEADLETTER_TOPIC_CONFIG: Mapping[str, str] = MappingProxyType(
+    {
+        "retention.bytes": str(64 * 1024 * 1024),
+        "segment.bytes": str(16 * 1024 * 1024),
+        "retention.ms": str(7 * 24 * 3600 * 1000),
+    }
+)
 
 
 class Channel(StrEnum):

@@ -25,6 +25,8 @@ from cityops.common.kafka import KafkaAccess, ensure_topics
 from cityops.common.logs import configure_logging
 from cityops.common.mqtt_sessions import purge_session
 from cityops.common.ops import serve_ops, stop_on_signals
+from cityops.common.topics import DEADLETTER_TOPIC_CONFIG
+from cityops.ingest.deadletters import RejectBudget
 from cityops.ingest.kafka_sink import KafkaSink
 from cityops.ingest.metrics import IngestMetrics
 from cityops.ingest.mqtt_source import MqttSource
@@ -106,6 +108,12 @@ async def run(settings: IngestSettings, *, stop: asyncio.Event | None = None) ->
         ingest_id=settings.instance_id,
         max_in_flight=settings.ingest_max_in_flight,
         resolver=resolver,
+        reject_budget=RejectBudget(
+            rate_per_s=settings.ingest_deadletter_rate_per_s,
+            burst=settings.ingest_deadletter_burst,
+        ),
+        deadletter_prefix_bytes=settings.ingest_deadletter_prefix_bytes,
+        summary_interval_s=settings.ingest_deadletter_summary_s,
     )
 
     def on_connection_change(connected: bool) -> None:
@@ -220,6 +228,7 @@ async def _ensure_output_topics(settings: IngestSettings, topics: OutputTopics) 
             topics=dict.fromkeys(
                 (topics.telemetry, topics.status, topics.deadletter), settings.topic_partitions
             ),
+            configs={topics.deadletter: DEADLETTER_TOPIC_CONFIG},
         )
 
 

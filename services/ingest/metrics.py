@@ -17,6 +17,7 @@ class IngestMetrics:
     received: Counter
     accepted: Counter
     rejected: Counter
+    deadletters_suppressed: Counter
     acked: Counter
     produce_latency: Histogram
     sensor_lag: Histogram
@@ -51,6 +52,13 @@ class IngestMetrics:
             rejected=Counter(
                 "cityops_ingest_rejected_messages_total",
                 "Messages dead-lettered, by A5 reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            deadletters_suppressed=Counter(
+                "cityops_ingest_deadletters_suppressed_total",
+                "Rejects past their device's dead-letter budget: counted in a summary record "
+                "instead of copied, by A5 reason.",
                 ["reason"],
                 registry=registry,
             ),

@@ -11,6 +11,10 @@ PostgreSQL lookup per turn (registry_lookup.MissResolver) and then validated aga
 waits for that lookup (bounded by its timeout) instead of letting later messages overtake the
 held ones: records reach Kafka in receive order, per device and overall, exactly as without the
 lookup, and the acks keep receive order because entries still join the pending window in order.
+
+Rejects go through the per-device dead-letter budget (deadletters.py): a reject past it gets a
+pending entry that is already released (no record; acked in its turn), and its count goes into
+a summary record the loop produces once per summary interval and at close.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ from prometheus_client import Counter
 
 from cityops.common.kinds import Kind, RejectReason
 from cityops.common.topics import Channel
+from cityops.ingest.deadletters import RejectBudget, deadletter_record, summary_record
 from cityops.ingest.metrics import IngestMetrics
 from cityops.ingest.mqtt_source import Inbound
 from cityops.ingest.registry_lookup import MissResolver
-from cityops.ingest.validate import Accepted, Rejected, Validator, clip, deadletter_headers
+from cityops.ingest.validate import Accepted, Rejected, Validator, clip
 
 log = logging.getLogger(__name__)
 
 _MAX_RETRY_DELAY_S = 5.0
+_NO_CONNECTION = -1  # the generation of records no MQTT message waits for (never acked)
 
 
 class Source(Protocol):
@@ -98,6 +104,9 @@ class Pipeline:
         ingest_id: str,
         max_in_flight: int,
         resolver: MissResolver | None = None,
+        reject_budget: RejectBudget | None = None,
+        deadletter_prefix_bytes: int = 4096,
+        summary_interval_s: float = 10.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._validator = validator
@@ -108,6 +117,14 @@ class Pipeline:
         self._resume_below = max(1, max_in_flight // 2)
         self._clock = clock
         self._resolver = resolver
+        self._budget = reject_budget or RejectBudget(rate_per_s=0.1, burst=20)
+        self._prefix_bytes = deadletter_prefix_bytes
+        self._summary_interval_s = summary_interval_s
+        self._summary_timer: asyncio.TimerHandle | None = None
+        self._summaries_due = False
+        self._turn_suppressed = 0
+        # The delivery future of suppressed rejects: nothing to wait for (created in run()).
+        self._released: asyncio.Future[Any] | None = None
         # Registry misses of the current turn waiting for the lookup, and their device ids.
         self._held: list[tuple[Inbound, datetime, float]] = []
         self._held_ids: dict[str, None] = {}
@@ -160,33 +177,52 @@ class Pipeline:
 
     async def run(self) -> None:
         """Validate and produce until close() and the queue is empty."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                # Everything received since the last turn goes to Kafka together: one record
-                # batch per (topic, partition), one delivery future per batch.
-                entries: list[_Pending | None] = []
-                taken = 0
-                while self._queue:
-                    batch, received_at, received_mono = self._queue.popleft()
-                    taken += len(batch)
-                    entries.extend(
-                        self._process(inbound, received_at, received_mono) for inbound in batch
-                    )
-                decided = await self._decide_held(entries) if self._held else entries
-                self._pending.extend(decided)  # type: ignore[arg-type] # no None left
-                self._queued -= taken  # only now: held messages stay counted as in flight
-                await self._send(decided)  # type: ignore[arg-type] # no None left
-            self._metrics.in_flight.set(self.in_flight)
-            if not self._pending:
-                self._idle.set()
-            if self._closing and not self._queue:
-                return
+        self._released = asyncio.get_running_loop().create_future()
+        self._released.set_result(None)
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue or self._summaries_due:
+                    await self._turn()
+                self._metrics.in_flight.set(self.in_flight)
+                if not self._pending:
+                    self._idle.set()
+                if self._closing and not self._queue:
+                    return
+        finally:
+            if self._summary_timer is not None:
+                self._summary_timer.cancel()
+                self._summary_timer = None
+
+    async def _turn(self) -> None:
+        # Everything received since the last turn goes to Kafka together: one record batch per
+        # (topic, partition), one delivery future per batch.
+        entries: list[_Pending | None] = []
+        taken = 0
+        while self._queue:
+            batch, received_at, received_mono = self._queue.popleft()
+            taken += len(batch)
+            entries.extend(self._process(inbound, received_at, received_mono) for inbound in batch)
+        decided: list[_Pending] = await self._decide_held(entries) if self._held else entries  # type: ignore[assignment] # no None left
+        if self._summaries_due:
+            self._summaries_due = False
+            decided.extend(self._summaries())
+        self._pending.extend(decided)
+        self._queued -= taken  # only now: held messages stay counted as in flight
+        if self._turn_suppressed:
+            self._turn_suppressed = 0
+            await self._send([entry for entry in decided if entry.future is None])
+            self._release_acks()  # suppressed rejects at the head need no delivery
+        else:
+            await self._send(decided)
 
     async def close(self, *, within_s: float) -> bool:
         """Finish what was received, wait for Kafka and the acks up to `within_s`; True if all."""
         self._closing = True
+        if self._budget.pending:  # the counts of suppressed rejects are not kept in memory
+            self._summaries_due = True
+            self._idle.clear()
         self._wake.set()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=within_s)
@@ -220,7 +256,18 @@ class Pipeline:
                 RejectReason.TOPIC, clip(f"topic is not UTF-8: {inbound.topic!r}"), None
             )
         else:
-            result = self._validator.validate(mqtt_topic, inbound.payload, received_at)
+            if inbound.retained:
+                result = self._validator.refuse_retained(mqtt_topic)
+            else:
+                try:
+                    result = self._validator.validate(mqtt_topic, inbound.payload, received_at)
+                except Exception as exc:  # a validation bug must not stop the loop (A5)
+                    log.exception("validation failed", extra={"mqtt_topic": clip(mqtt_topic)})
+                    result = Rejected(
+                        RejectReason.UNPROCESSABLE,
+                        clip(f"validation failed: {type(exc).__name__}"),
+                        None,
+                    )
         metrics = self._metrics
         if isinstance(result, Accepted):
             stats.received += 1
@@ -257,15 +304,35 @@ class Pipeline:
                 return None
             stats.received += 1
             stats.rejected += 1
-            reason = result.reason.value
-            stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
+            reason = result.reason
+            stats.reasons[reason.value] = stats.reasons.get(reason.value, 0) + 1
             metrics.received.labels(
                 result.kind.value if result.kind else "unknown",
                 result.channel.value if result.channel else "unknown",
             ).inc()
-            metrics.rejected.labels(reason).inc()
-            headers = deadletter_headers(
-                result, mqtt_topic=mqtt_topic, received_at=received_at, ingest_id=self._ingest_id
+            metrics.rejected.labels(reason.value).inc()
+            if not self._budget.admit(result.key, reason, mqtt_topic, received_mono):
+                metrics.deadletters_suppressed.labels(reason.value).inc()
+                self._turn_suppressed += 1
+                self._schedule_summaries()
+                return _Pending(
+                    inbound.mid,
+                    inbound.generation,
+                    received_mono,
+                    self._validator.topics.deadletter,
+                    result.key,
+                    b"",
+                    None,
+                    future=self._released,
+                )
+            value, headers = deadletter_record(
+                reason,
+                result.detail,
+                inbound.payload,
+                mqtt_topic=mqtt_topic,
+                received_at=received_at,
+                ingest_id=self._ingest_id,
+                prefix_bytes=self._prefix_bytes,
             )
             entry = _Pending(
                 inbound.mid,
@@ -273,10 +340,40 @@ class Pipeline:
                 received_mono,
                 self._validator.topics.deadletter,
                 result.key,
-                inbound.payload,  # the original bytes, untouched
+                value,
                 headers,
             )
         return entry
+
+    def _schedule_summaries(self) -> None:
+        if self._summary_timer is None:
+            loop = asyncio.get_running_loop()
+            self._summary_timer = loop.call_later(self._summary_interval_s, self._summaries_ready)
+
+    def _summaries_ready(self) -> None:
+        self._summary_timer = None
+        self._summaries_due = True
+        self._idle.clear()
+        self._wake.set()
+
+    def _summaries(self) -> list[_Pending]:
+        """One record per (device, reason) with suppressed rejects; no MQTT message to ack."""
+        now, mono = self._clock(), time.monotonic()
+        entries: list[_Pending] = []
+        for suppressed in self._budget.take_summaries():
+            value, headers = summary_record(suppressed, received_at=now, ingest_id=self._ingest_id)
+            entries.append(
+                _Pending(
+                    0,
+                    _NO_CONNECTION,
+                    mono,
+                    self._validator.topics.deadletter,
+                    suppressed.key,
+                    value,
+                    headers,
+                )
+            )
+        return entries
 
     def _hold(
         self, device_id: str, inbound: Inbound, received_at: datetime, received_mono: float
@@ -311,6 +408,10 @@ class Pipeline:
         if exc is not None:
             self._retry(group, exc)
             return
+        self._release_acks()
+
+    def _release_acks(self) -> None:
+        """Ack the delivered entries at the head of the window, in receive order."""
         pending = self._pending
         source = self._source
         now = time.monotonic()
@@ -336,8 +437,8 @@ class Pipeline:
             self._metrics.in_flight.set(self.in_flight)
             if self._paused and self.in_flight <= self._resume_below:
                 self._resume()
-        if not pending and not self._queued:  # counts a turn still held for a lookup
-            self._idle.set()
+        if not pending and not self._queued and not self._summaries_due:
+            self._idle.set()  # `_queued` counts a turn still held for a lookup
 
     def _retry(self, group: list[_Pending], exc: BaseException) -> None:
         attempts = 0

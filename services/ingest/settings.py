@@ -41,6 +41,24 @@ class IngestSettings(KafkaSettings, DatabaseSettings, MetricsSettings):
         default=1.0, gt=0, description="Sustained readings per device per second of sensor time."
     )
     ingest_rate_burst: float = Field(default=60.0, ge=1)
+    ingest_deadletter_rate_per_s: float = Field(
+        default=0.1, gt=0, description="Rejects copied per device per second, sustained."
+    )
+    ingest_deadletter_burst: float = Field(
+        default=20.0, ge=1, description="Rejects copied per device before the sustained rate."
+    )
+    ingest_deadletter_prefix_bytes: int = Field(
+        default=4096,
+        ge=0,
+        le=1_048_576,
+        description="Longest payload a dead letter copies whole; longer ones keep this prefix.",
+    )
+    ingest_deadletter_summary_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="How often a record counts the rejects suppressed past the budget.",
+    )
 
     ingest_max_in_flight: int = Field(
         default=1000,

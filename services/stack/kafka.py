@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cityops.common.kafka import KafkaAccess, ensure_topics
 from cityops.common.settings import KafkaSettings
+from cityops.common.topics import DEADLETTER_TOPIC_CONFIG
 from cityops.stack.layout import StackError, StackPaths
 from cityops.stack.procs import ServerSpec, run_command, write_if_changed
 
@@ -244,4 +245,5 @@ async def ensure_default_topics(access: KafkaAccess) -> list[str]:
         access,
         topics=dict.fromkeys(names, settings.topic_partitions),
         compacted={settings.topic_devices},
+        configs={settings.topic_deadletter: DEADLETTER_TOPIC_CONFIG},
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -11,6 +12,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from cityops.common.kinds import Kind
+from cityops.ingest.deadletters import RejectBudget
 from cityops.ingest.kafka_sink import R
 from cityops.ingest.metrics import IngestMetrics
 from cityops.ingest.mqtt_source import Inbound
@@ -77,7 +79,11 @@ class FakeSource:
 
 
 def make(
-    max_in_flight: int = 100, *, by_topic: bool = False
+    max_in_flight: int = 100,
+    *,
+    by_topic: bool = False,
+    budget: RejectBudget | None = None,
+    summary_interval_s: float = 10.0,
 ) -> tuple[Pipeline, FakeSink, FakeSource]:
     validator = Validator(
         registry=Registry(),
@@ -94,13 +100,17 @@ def make(
         metrics=IngestMetrics.create(CollectorRegistry()),
         ingest_id="unit",
         max_in_flight=max_in_flight,
+        reject_budget=budget,
+        summary_interval_s=summary_interval_s,
         clock=lambda: NOW,
     )
     pipeline.bind(source)
     return pipeline, sink, source
 
 
-def inbound(mid: int, device_id: str = "pk-0001", payload: bytes | None = None) -> Inbound:
+def inbound(
+    mid: int, device_id: str = "pk-0001", payload: bytes | None = None, *, retained: bool = False
+) -> Inbound:
     body = payload or orjson.dumps(
         {
             "device_id": device_id,
@@ -110,7 +120,7 @@ def inbound(mid: int, device_id: str = "pk-0001", payload: bytes | None = None) 
             "occupied": True,
         }
     )
-    return Inbound(mid, f"city/parking/{device_id}/telemetry".encode(), body, 1)
+    return Inbound(mid, f"city/parking/{device_id}/telemetry".encode(), body, 1, retained)
 
 
 async def test_acks_wait_for_delivery_and_keep_receive_order() -> None:
@@ -388,4 +398,112 @@ async def test_messages_held_for_a_lookup_keep_close_waiting_and_later_ones_behi
         future.set_result(None)
     assert await closing
     assert source.acked == [1, 2, 3]
+    await runner
+
+
+def deliver_all(sink: FakeSink) -> None:
+    for future in sink.futures:
+        if not future.done():
+            future.set_result(None)
+
+
+async def test_a_retained_delivery_is_dead_lettered_not_produced_as_a_reading() -> None:
+    """Issue 11 row 7: a retained reading replayed at every subscribe is not a new reading."""
+    pipeline, sink, source = make()
+    runner = asyncio.create_task(pipeline.run())
+    pipeline.submit([inbound(1, retained=True), inbound(2)])
+    await wait_for(lambda: len(sink.sent) == 2, timeout=2)
+    (dl_topic, key, value, headers), (tel_topic, *_) = sink.sent
+    assert (dl_topic, key, tel_topic) == ("dl", b"pk-0001", "tel")
+    assert value == inbound(1).payload
+    assert dict(headers or [])["reason"] == b"retained"
+    deliver_all(sink)
+    await wait_for(lambda: source.acked == [1, 2], timeout=2)
+    assert await pipeline.close(within_s=1)
+    await runner
+
+
+async def test_rejects_past_the_budget_are_counted_acked_in_order_and_summarised() -> None:
+    pipeline, sink, source = make(
+        budget=RejectBudget(rate_per_s=0.001, burst=3), summary_interval_s=0.05
+    )
+    runner = asyncio.create_task(pipeline.run())
+    batch = [inbound(n, payload=b"junk") for n in range(1, 11)]
+    batch.insert(5, inbound(99))  # a valid reading among them still goes through
+    pipeline.submit(batch)
+    await wait_for(lambda: len(sink.sent) == 4, timeout=2)
+    assert [(t, v) for t, _, v, _ in sink.sent[:3]] == [("dl", b"junk")] * 3
+    assert orjson.loads(sink.sent[3][2])["seq"] == 99
+    assert source.acked == []  # suppressed ones behind undelivered records wait their turn
+    deliver_all(sink)
+    await wait_for(lambda: source.acked == [m.mid for m in batch], timeout=2)
+    await wait_for(lambda: len(sink.sent) == 5, timeout=2)  # the summary, one interval later
+    topic, key, value, headers = sink.sent[4]
+    summary = dict(headers or [])
+    assert (topic, key, value) == ("dl", b"pk-0001", b"")
+    assert (summary["reason"], summary["suppressed"]) == (b"not_json", b"7")
+    assert pipeline.stats.rejected == 10
+    deliver_all(sink)
+    # A turn of suppressed rejects only: acked at once, there is nothing to wait for.
+    pipeline.submit([inbound(n, payload=b"junk") for n in range(20, 25)])
+    await wait_for(lambda: source.acked[-5:] == list(range(20, 25)), timeout=2)
+    sent = len(sink.sent)
+    closing = asyncio.create_task(pipeline.close(within_s=2))  # produces their summary
+    await wait_for(lambda: len(sink.sent) == sent + 1, timeout=2)
+    assert dict(sink.sent[-1][3] or [])["suppressed"] == b"5"
+    deliver_all(sink)
+    assert await closing
+    await runner
+
+
+async def test_close_produces_the_pending_summary() -> None:
+    pipeline, sink, _source = make(budget=RejectBudget(rate_per_s=0.001, burst=1))
+    runner = asyncio.create_task(pipeline.run())
+    pipeline.submit([inbound(1, payload=b"junk"), inbound(2, payload=b"junk")])
+    await wait_for(lambda: len(sink.sent) == 1, timeout=2)
+    deliver_all(sink)
+    closing = asyncio.create_task(pipeline.close(within_s=2))
+    await wait_for(lambda: len(sink.sent) == 2, timeout=2)
+    assert dict(sink.sent[1][3] or [])["suppressed"] == b"1"
+    deliver_all(sink)
+    assert await closing
+    await runner
+
+
+async def test_an_oversize_payload_keeps_a_prefix_its_size_and_hash() -> None:
+    pipeline, sink, source = make()
+    runner = asyncio.create_task(pipeline.run())
+    huge = bytes(range(256)) * 800
+    pipeline.submit([inbound(1, payload=huge)])
+    await wait_for(lambda: len(sink.sent) == 1, timeout=2)
+    _, _, value, headers = sink.sent[0]
+    found = dict(headers or [])
+    assert found["reason"] == b"too_large"
+    assert value == huge[:4096]
+    assert found["original_size"] == str(len(huge)).encode()
+    assert found["sha256"] == hashlib.sha256(huge).hexdigest().encode()
+    deliver_all(sink)
+    await wait_for(lambda: source.acked == [1], timeout=2)
+    assert await pipeline.close(within_s=1)
+    await runner
+
+
+async def test_a_validation_bug_dead_letters_the_message_and_the_loop_goes_on() -> None:
+    pipeline, sink, source = make()
+    real = pipeline._validator.validate
+
+    def validate(mqtt_topic: str, payload: bytes, now: datetime) -> Any:
+        if payload == b"boom":
+            raise OverflowError("date value out of range")
+        return real(mqtt_topic, payload, now)
+
+    pipeline._validator.validate = validate  # type: ignore[method-assign]
+    runner = asyncio.create_task(pipeline.run())
+    pipeline.submit([inbound(1, payload=b"boom"), inbound(2)])
+    await wait_for(lambda: len(sink.sent) == 2, timeout=2)
+    assert dict(sink.sent[0][3] or [])["reason"] == b"unprocessable"
+    assert sink.sent[1][0] == "tel"
+    deliver_all(sink)
+    await wait_for(lambda: source.acked == [1, 2], timeout=2)
+    assert await pipeline.close(within_s=1)
     await runner
