@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
 import uuid
@@ -30,6 +29,8 @@ from cityops.common.mqtt_sessions import purge_session as common_purge_session
 from cityops.common.registry import Device, upsert_devices
 from cityops.ingest.main import run
 from cityops.ingest.settings import IngestSettings
+from cityops.stack.mosquitto_instance import BrokerInstance, broker_tempdir
+from cityops.stack.mosquitto_instance import free_port as free_port_in
 from tests.helpers import MqttTestClient, wait_for
 from tests.integration.conftest import MakeTopics, MqttSettings
 from tests.integration.kafka_support import StackKafka
@@ -378,92 +379,54 @@ async def ingest_case(
 
 
 # The Debian package's broker (2.0.11): it replays retained messages to shared subscriptions
-# with RETAIN set (issue 11, row 7), so the tests of ingest's edge run against it.
-DEBIAN_MOSQUITTO = Path("/usr/sbin/mosquitto")
+# with RETAIN set (issue 11, row 7), so the tests of ingest's edge run against it, anonymous
+# (what is tested is ingest, not the broker's authorisation).
+DEBIAN_MOSQUITTO = "/usr/sbin/mosquitto"
 OWN_BROKER_PORTS = range(19900, 19950)  # ingest's range on the shared test machine
 
 
-def free_port_in(ports: Iterable[int]) -> int:
-    """The first port of `ports` nobody listens on."""
-    for port in ports:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {ports}")
-
-
-@dataclass
-class OwnBroker:
-    """A Mosquitto of one test's own (anonymous, persistent), to restart without harming others."""
-
-    home: Path
-    port: int = field(default_factory=lambda: free_port_in(OWN_BROKER_PORTS))
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        """Start the broker on the same port and data folder; return once it accepts a CONNECT."""
-        conf = self.home / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.home}/\n"
-            "max_inflight_messages 1000\n"
-            "max_packet_size 262144\n"
-            + ("user root\n" if os.geteuid() == 0 else ""),
-            encoding="utf-8",
-        )
-        with (self.home / "broker.log").open("ab") as log_file:
-            self.process = subprocess.Popen(
-                [str(DEBIAN_MOSQUITTO), "-c", str(conf)], stdout=log_file, stderr=log_file
-            )
-
-        def answers() -> bool:
-            client = MqttTestClient(host="127.0.0.1", port=self.port, username=None, password=None)
-            try:
-                return not client.connect(timeout=2).is_failure
-            except (OSError, AssertionError):
-                return False
-            finally:
-                client.close()
-
-        await wait_for(
-            lambda: asyncio.to_thread(answers), timeout=10, interval=0.02, message="broker up"
-        )
-
-    def stop(self) -> None:
-        """SIGTERM (a clean stop: the broker saves its state) and wait for the exit."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def publisher(self) -> MqttTestClient:
-        client = MqttTestClient(
-            host="127.0.0.1",
-            port=self.port,
-            username=None,
-            password=None,
-            protocol=MQTTProtocolVersion.MQTTv311,
-        )
-        assert not client.connect().is_failure
-        return client
+def _anonymous_conf(home: Path, port: int) -> str:
+    return (
+        f"listener {port} 127.0.0.1\n"
+        "allow_anonymous true\n"
+        "persistence true\n"
+        f"persistence_location {home}/data/\n"
+        "max_inflight_messages 1000\n"
+        "max_packet_size 262144\n"
+    )
 
 
 @contextlib.asynccontextmanager
-async def own_broker() -> AsyncIterator[OwnBroker]:
-    """A started OwnBroker in a temp folder; stopped and removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="cityops-ingest-broker-") as home:
-        broker = OwnBroker(Path(home))
-        await broker.start()
+async def own_broker() -> AsyncIterator[BrokerInstance]:
+    """A started broker of the test's own on a port of ingest's range; removed afterwards."""
+    with broker_tempdir("cityops-ingest-broker-") as home:
+        port = free_port_in(OWN_BROKER_PORTS)
+        broker = BrokerInstance.create(
+            home,
+            port=port,
+            accounts={},
+            binary=DEBIAN_MOSQUITTO,
+            conf_text=_anonymous_conf(home, port),
+        )
+        await asyncio.to_thread(broker.start)
         try:
             yield broker
         finally:
-            broker.stop()
+            await asyncio.to_thread(broker.close)
+
+
+def broker_url(broker: BrokerInstance) -> str:
+    return f"mqtt://127.0.0.1:{broker.port}"
+
+
+def anonymous_publisher(broker: BrokerInstance) -> MqttTestClient:
+    """A connected MQTT 3.1.1 client on a broker of the test's own."""
+    client = MqttTestClient(
+        host="127.0.0.1",
+        port=broker.port,
+        username=None,
+        password=None,
+        protocol=MQTTProtocolVersion.MQTTv311,
+    )
+    assert not client.connect().is_failure
+    return client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -28,6 +29,7 @@ from tests.integration.ingest_support import (
 pytestmark = [pytest.mark.kafka, pytest.mark.mqtt, pytest.mark.postgres]
 
 NOT_AUTHORIZED = 0x87
+PREFIX_BYTES = 4096  # CITYOPS_INGEST_DEADLETTER_PREFIX_BYTES' default
 
 
 async def test_every_kind_accepted_and_every_reason_dead_lettered(case: IngestCase) -> None:
@@ -123,8 +125,13 @@ async def test_every_kind_accepted_and_every_reason_dead_lettered(case: IngestCa
     assert set(letters) == {*bad, "rate_limited"}
     for reason, (topic, payload) in bad.items():
         record = letters[reason]
-        assert record.value == payload, reason  # the original bytes, untouched
         headers = headers_of(record)
+        if len(payload) <= PREFIX_BYTES:
+            assert record.value == payload, reason  # the original bytes, untouched
+        else:  # A5: a longer payload keeps its prefix, its size and its hash
+            assert record.value == payload[:PREFIX_BYTES], reason
+            assert headers["original_size"] == str(len(payload)).encode()
+            assert headers["sha256"] == hashlib.sha256(payload).hexdigest().encode()
         assert headers["mqtt_topic"] == topic.encode()
         assert headers["detail"], reason
         assert datetime.fromisoformat(headers["received_at"].decode()).tzinfo is not None

@@ -1,7 +1,8 @@
 """Ingest's side of the MQTT edge (issue 11, rows 4 and 7), on a broker of the test's own.
 
 The broker is restarted here, so it is not the shared one: `own_broker` runs the Debian
-package's Mosquitto (2.0.11) on a port of ingest's range, anonymous, with persistence.
+package's Mosquitto (2.0.11) on a port of ingest's range (cityops.stack.mosquitto_instance),
+anonymous, with persistence.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from tests.helpers import wait_for
 from tests.integration.ingest_support import (
     IngestCase,
     TopicReader,
+    anonymous_publisher,
+    broker_url,
     headers_of,
     ingest_in_process,
     own_broker,
@@ -42,11 +45,11 @@ async def test_a_retained_message_is_dead_lettered_not_replayed_as_a_reading(
     topic = f"city/wastebin/{device}/telemetry"
     stored = reading(device, "wastebin", 1, past(30), fill_pct=99.0)
     async with own_broker() as broker:
-        publisher = await asyncio.to_thread(broker.publisher)
+        publisher = await asyncio.to_thread(anonymous_publisher, broker)
         try:
             info = publisher.client.publish(topic, stored, qos=1, retain=True)
             await asyncio.to_thread(info.wait_for_publish, 10)
-            env = case.replica_env(0, CITYOPS_MQTT_URL=broker.url, **FAST)
+            env = case.replica_env(0, CITYOPS_MQTT_URL=broker_url(broker), **FAST)
             async with (
                 TopicReader(case.kafka_bootstrap, case.telemetry) as telemetry,
                 TopicReader(case.kafka_bootstrap, case.deadletter) as deadletter,
@@ -82,7 +85,7 @@ async def test_every_broker_restart_is_followed_by_a_fast_reconnect_and_a_new_su
     topic = f"city/parking/{device}/telemetry"
     gaps: list[float] = []
     async with own_broker() as broker:
-        env = case.replica_env(0, CITYOPS_MQTT_URL=broker.url, **FAST)
+        env = case.replica_env(0, CITYOPS_MQTT_URL=broker_url(broker), **FAST)
         port = settings_from(env).metrics_port
 
         def subscribed() -> bool:
@@ -95,7 +98,7 @@ async def test_every_broker_restart_is_followed_by_a_fast_reconnect_and_a_new_su
         ):
             for seq in range(5):
                 await asyncio.to_thread(broker.stop)
-                await broker.start()
+                await asyncio.to_thread(broker.start)
                 back = time.monotonic()
                 await wait_for(
                     lambda: asyncio.to_thread(subscribed),
@@ -106,7 +109,7 @@ async def test_every_broker_restart_is_followed_by_a_fast_reconnect_and_a_new_su
                 gaps.append(time.monotonic() - back)
                 # Mosquitto 2.0.11 restores the session but not its $share subscription: this
                 # reading reaches ingest only because ingest subscribed again on CONNACK.
-                publisher = await asyncio.to_thread(broker.publisher)
+                publisher = await asyncio.to_thread(anonymous_publisher, broker)
                 try:
                     payload = reading(device, "parking", seq, past(10 - seq))
                     await asyncio.to_thread(publish_all, publisher, [(topic, payload)])
