@@ -51,8 +51,8 @@ async def test_a_retained_message_is_dead_lettered_not_replayed_as_a_reading(
             await asyncio.to_thread(info.wait_for_publish, 10)
             env = case.replica_env(0, CITYOPS_MQTT_URL=broker_url(broker), **FAST)
             async with (
-                TopicReader(case.kafka_bootstrap, case.telemetry) as telemetry,
-                TopicReader(case.kafka_bootstrap, case.deadletter) as deadletter,
+                TopicReader(case.kafka.admin, case.telemetry) as telemetry,
+                TopicReader(case.kafka.admin, case.deadletter) as deadletter,
             ):
                 async with ingest_in_process(env):  # subscribes: the broker replays `stored`
                     live = reading(device, "wastebin", 2, past(1))
@@ -93,7 +93,7 @@ async def test_every_broker_restart_is_followed_by_a_fast_reconnect_and_a_new_su
             return bool(body and body["checks"]["mqtt"])
 
         async with (
-            TopicReader(case.kafka_bootstrap, case.telemetry) as telemetry,
+            TopicReader(case.kafka.admin, case.telemetry) as telemetry,
             ingest_in_process(env),
         ):
             for seq in range(5):
