@@ -1,9 +1,14 @@
-"""Run `cityops api` in-process for tests: fresh database, unique topics and group, port 0."""
+"""Run `cityops api` for tests, in-process or as a process of its own: fresh database, unique
+topics and group, a free port."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -22,6 +27,7 @@ from cityops.api.settings import ApiSettings
 from cityops.common.events import encode_telemetry, parse_reading
 from cityops.common.kafka import KafkaAccess, kafka_producer
 from tests.helpers import wait_for
+from tests.integration.ingest_support import free_port
 from tests.integration.kafka_support import StackKafka
 
 BASE_TOPICS = (
@@ -51,6 +57,28 @@ class ApiCase:
             mqtt=mqtt,
             **overrides,
         )
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """`CITYOPS_*` settings of `cityops api` as a process on this case (a free port)."""
+        values = {
+            **self.kafka.service("api").env(),
+            "CITYOPS_DATABASE_URL": self.database_url,
+            "CITYOPS_TOPIC_TELEMETRY": self.topics["city.telemetry.v1"],
+            "CITYOPS_TOPIC_STATUS": self.topics["city.status.v1"],
+            "CITYOPS_TOPIC_TICKETS": self.topics["city.tickets.v1"],
+            "CITYOPS_TOPIC_DEVICES": self.topics["city.devices.v1"],
+            "CITYOPS_TOPIC_DEADLETTER": self.topics["city.deadletter.v1"],
+            "CITYOPS_TOPIC_PARTITIONS": "3",
+            "CITYOPS_API_PORT": str(free_port()),
+            "CITYOPS_API_BOOTSTRAP_KEY": BOOTSTRAP_KEY,
+            "CITYOPS_API_PROJECTOR_GROUP": f"api-projector-test-{uuid.uuid4().hex[:12]}",
+            "CITYOPS_API_KEY_CACHE_S": "0",
+            "CITYOPS_SHUTDOWN_TIMEOUT_S": "5",
+            "CITYOPS_DATABASE_POOL_MAX": "5",
+            "CITYOPS_LOG_FORMAT": "json",
+        }
+        values.update(overrides)
+        return values
 
 
 def api_settings(
@@ -124,6 +152,55 @@ async def run_api(settings: ApiSettings) -> AsyncIterator[RunningApi]:
             await context.broadcaster.close()
             server.should_exit = True
             await asyncio.wait_for(task, 15)
+
+
+@dataclass(frozen=True)
+class ApiProcess:
+    """`cityops api` running as a process of its own."""
+
+    base_url: str
+    pid: int
+
+    def client(self, key: str | None = BOOTSTRAP_KEY, timeout: float = 10) -> httpx.AsyncClient:
+        """An HTTP client with `key` as its bearer token."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def api_process(env: Mapping[str, str], log_path: Path) -> AsyncIterator[ApiProcess]:
+    """`cityops api` with exactly `env` as its CITYOPS_* settings, ready; SIGTERM afterwards."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CITYOPS_")}
+    full_env.update(env)
+    with log_path.open("ab") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("cityops")),
+            "api",
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    running = ApiProcess(f"http://127.0.0.1:{env['CITYOPS_API_PORT']}", process.pid)
+    try:
+        async with running.client(timeout=5) as http:
+
+            async def ready() -> bool:
+                assert process.returncode is None, f"cityops api exited; see {log_path}"
+                try:
+                    return (await http.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(ready, timeout=30, interval=0.2, message="api process ready")
+        yield running
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
 
 def telemetry(device_id: str, kind: str, seq: int, ts: datetime, **values: Any) -> bytes:

@@ -218,6 +218,7 @@ IMPORT_ROWS = [
     (NDJSON, jsonl_row(b'"metadata": {"k": "a\\u0000b"}')),
     (NDJSON, jsonl_row(b'"district": "a\\u0000b"')),
     (NDJSON, jsonl_row(b'"zone": "\\ud800"')),
+    (NDJSON, b'{"device_id": "wb-\\ud800\\u0000", "kind": "wastebin"}\n'),
     (CSV, csv_rows("metadata", b'"{""n"": 18446744073709551616}"')),
     (CSV, csv_rows("metadata", b'"{""n"": 1e400}"')),
     (CSV, csv_rows("metadata", b'"{""k"": ""a\\u0000b""}"')),

@@ -26,7 +26,7 @@ def test_csv_rows_keep_the_good_and_report_the_bad() -> None:
     assert parsed.rows == [1, 2]
     assert parsed.devices[1].enabled is False
     assert parsed.devices[1].metadata == {"zone": 1}
-    assert [(e.row, e.errors[0]["field"]) for e in parsed.errors] == [
+    assert [(row, errors[0][0]) for row, _, errors in parsed.errors] == [
         (3, "device_id"),
         (4, "body"),  # lat without lon: a model-level error
         (5, "row"),
@@ -46,8 +46,8 @@ def test_json_lines() -> None:
     text = '{"device_id": "pk-1", "kind": "parking"}\n\nnot json\n{"device_id": "pk-2"}\n'
     parsed = parse_import(text, fmt="jsonl", max_rows=10)
     assert [d.device_id for d in parsed.devices] == ["pk-1"]
-    assert [(e.row, e.device_id) for e in parsed.errors] == [(2, None), (3, "pk-2")]
-    assert parsed.errors[1].errors[0]["field"] == "kind"
+    assert [(row, device_id) for row, device_id, _ in parsed.errors] == [(2, None), (3, "pk-2")]
+    assert parsed.errors[1][2][0][0] == "kind"
 
 
 def test_row_limit() -> None:
