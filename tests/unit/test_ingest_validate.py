@@ -19,6 +19,7 @@ from cityops.ingest.validate import (
     Rejected,
     Validator,
 )
+from tests.ingest_poison import CORPUS, GOOD_TS, Poison
 
 NOW = datetime(2026, 11, 26, 8, 15, 30, tzinfo=UTC)
 REGISTRY = {
@@ -346,102 +347,32 @@ def test_the_topic_cache_is_bounded() -> None:
         assert len(validator._topics_seen) <= 3
 
 
-def raw(kind: str, extra: str) -> bytes:
-    """A reading whose JSON text is written by hand (escapes and numbers orjson would not make)."""
-    body = orjson.dumps({"kind": kind, "seq": 7, **FIELDS[kind]}).decode()
-    return (body[:-1] + "," + extra + "}").encode("utf-8", "surrogatepass")
-
-
-GOOD_TS = '"ts":"2026-11-26T08:15:00Z"'
-
-# Issue 12 row 1 and what else no store downstream takes: (kind, JSON text, reason).
-POISON: dict[str, tuple[str, str, RejectReason]] = {
-    "year 1 (+14:00 is year 0 in UTC)": (
-        "wastebin",
-        '"ts":"0001-01-01T00:00:00+14:00"',
-        RejectReason.TS_OUT_OF_RANGE,
-    ),
-    "unset sensor clock (1970)": (
-        "wastebin",
-        '"ts":"1970-01-01T00:00:00Z"',
-        RejectReason.TS_OUT_OF_RANGE,
-    ),
-    "just before 2000 in UTC": (
-        "wastebin",
-        '"ts":"2000-01-01T05:00:00+14:00"',
-        RejectReason.TS_OUT_OF_RANGE,
-    ),
-    "year 9999 (-14:00 is year 10000 in UTC)": (
-        "wastebin",
-        '"ts":"9999-12-31T23:59:59-14:00"',
-        RejectReason.CLOCK_SKEW,
-    ),
-    "NUL in a key": ("wastebin", GOOD_TS + ',"\\u0000":1', RejectReason.SCHEMA),
-    "NUL in a value": ("streetlight", GOOD_TS + ',"fault":"none\\u0000"', RejectReason.SCHEMA),
-    "escaped lone surrogate in a key": (
-        "wastebin",
-        GOOD_TS + ',"\\ud800":1',
-        RejectReason.NOT_JSON,
-    ),
-    "escaped lone surrogate in a value": (
-        "streetlight",
-        GOOD_TS + ',"fault":"\\udfff"',
-        RejectReason.NOT_JSON,
-    ),
-    "raw lone surrogate (not UTF-8)": ("wastebin", GOOD_TS + ',"\ud800":1', RejectReason.NOT_JSON),
-    "1e309 (beyond float64)": ("wastebin", GOOD_TS + ',"temperature_c":1e309', RejectReason.SCHEMA),
-    "-1e309": ("manhole", GOOD_TS + ',"gas_ppm":-1e309', RejectReason.SCHEMA),
-    "a 400-digit integer in a float field": (
-        "manhole",
-        GOOD_TS + ',"gas_ppm":' + "9" * 400,
-        RejectReason.SCHEMA,
-    ),
-    "finite but beyond any quantity": (
-        "streetlight",
-        GOOD_TS + ',"power_w":1e300',
-        RejectReason.SCHEMA,
-    ),
-    "seq beyond int64": (
-        "parking",
-        GOOD_TS.replace('"ts"', '"seq":9223372036854775808,"ts"'),
-        RejectReason.SCHEMA,
-    ),
-    "deep metadata": (
-        "parking",
-        GOOD_TS + ',"metadata":' + "[" * 500 + "]" * 500,
-        RejectReason.NOT_JSON,
-    ),
-    "shallow metadata (no such field)": (
-        "parking",
-        GOOD_TS + ',"metadata":{"a":{"b":1}}',
-        RejectReason.SCHEMA,
-    ),
-}
-
-
-@pytest.mark.parametrize("case", sorted(POISON))
-def test_the_poison_corpus_is_refused_with_its_reason_and_a_printable_detail(case: str) -> None:
-    kind, extra, reason = POISON[case]
-    payload = raw(kind, extra)
-    if case.startswith("seq beyond"):  # the second "seq" key replaces the first: this one counts
-        payload = payload.replace(b'"seq":7,', b"")
-    result = rejected(make_validator().validate(topic(kind), payload, NOW))
-    assert result.reason is reason, result.detail
+@pytest.mark.parametrize("poison", CORPUS, ids=lambda p: p.name)
+def test_the_poison_corpus_is_refused_with_its_reason_and_a_printable_detail(
+    poison: Poison,
+) -> None:
+    device_id = str(FIELDS[poison.kind]["device_id"])
+    result = rejected(make_validator().validate(topic(poison.kind), poison.payload(device_id), NOW))
+    assert result.reason is poison.reason, result.detail
     assert result.detail.isprintable()
     result.detail.encode("utf-8")  # no lone surrogate can reach a header
 
 
-def test_the_bounds_around_the_poison_are_accepted() -> None:
-    validator = make_validator()
-    for kind, extra in (
-        ("wastebin", '"ts":"2000-01-01T00:00:00Z"'),
-        ("wastebin", '"ts":"1999-12-31T20:00:00-05:00"'),  # 01:00 UTC on 2000-01-01
-        ("manhole", GOOD_TS + ',"gas_ppm":1000000'),
-        ("streetlight", GOOD_TS + ',"power_w":1e-300,"voltage_v":230.0'),
-        ("parking", GOOD_TS.replace('"ts"', '"seq":9223372036854775807,"ts"')),
-    ):
-        payload = raw(kind, extra).replace(b'"seq":7,', b"") if "seq" in extra else raw(kind, extra)
-        assert isinstance(validator.validate(topic(kind), payload, NOW), Accepted), extra
+@pytest.mark.parametrize(
+    "bound",
+    [
+        Poison("first instant", "wastebin", '"ts":"2000-01-01T00:00:00Z"'),
+        Poison("01:00 UTC on 2000-01-01", "wastebin", '"ts":"1999-12-31T20:00:00-05:00"'),
+        Poison("largest gas_ppm", "manhole", GOOD_TS + ',"gas_ppm":1000000'),
+        Poison("tiny power_w", "streetlight", GOOD_TS + ',"power_w":1e-300'),
+        Poison("largest seq", "parking", GOOD_TS, seq=str(2**63 - 1)),
+    ],
+    ids=lambda p: p.name,
+)
+def test_the_bounds_around_the_poison_are_accepted(bound: Poison) -> None:
+    device_id = str(FIELDS[bound.kind]["device_id"])
+    result = make_validator().validate(topic(bound.kind), bound.payload(device_id), NOW)
+    assert isinstance(result, Accepted), result
 
 
 def test_a_status_ts_is_bounded_like_a_reading() -> None:
