@@ -33,6 +33,13 @@ OFFLINE = "offline"
 DURATION = "for"
 ESCALATE = "escalate"
 
+# How many seqs below a device's highest one rules remembers as seen or not (a bitmap: 32 bytes
+# a device). A publisher that resends unacknowledged readings after a reconnect (paho does)
+# can deliver seq N before N-k..N-1; a reading further back than this is too late to tell from
+# a replay and is ignored (counted as `stale`).
+SEEN_WINDOW = 256
+_WINDOW_MASK = (1 << SEEN_WINDOW) - 1
+
 
 def iso(at: float) -> str:
     """Epoch seconds as an RFC 3339 UTC string."""
@@ -98,6 +105,8 @@ class DeviceState:
     kind: Kind
     partition: int
     last_seq: int = -1
+    # bit i set: seq last_seq - 1 - i was seen (within SEEN_WINDOW)
+    seen_below: int = 0
     last_ts: float = 0.0
     last_seen: float = 0.0
     last_status_offset: int = -1
@@ -107,6 +116,7 @@ class DeviceState:
     # and how fresh the stored last_seen_at is
     persisted: bool = False
     persisted_seq: int = -1
+    persisted_seen_below: bytes | None = None  # as stored (None: a row from before the window)
     persisted_status_offset: int = -1
     persisted_seen: float = 0.0
 
@@ -153,6 +163,8 @@ class Seen(StrEnum):
     PROCESSED = "processed"
     DUPLICATE = "duplicate"
     SEQ_RESET = "seq_reset"
+    LATE = "late"  # below the highest seq, never seen: evaluated (raises only)
+    STALE = "stale"  # further below the highest seq than the window: ignored
 
 
 @dataclass(slots=True)
@@ -245,15 +257,28 @@ def _heard(state: DeviceState, profile: Profile, at: float, fx: Effects) -> None
 def on_reading(
     state: DeviceState, profile: Profile, obs: Observation, is_dark: IsDark, fx: Effects
 ) -> Seen:
-    """Apply one reading: de-duplicate by seq, then evaluate every rule of the device."""
-    seen = Seen.PROCESSED
-    if obs.seq <= state.last_seq:
+    """Apply one reading: de-duplicate by the seqs seen, then evaluate the device's rules."""
+    seq = obs.seq
+    last = state.last_seq
+    if seq > last:
+        gap = seq - last
+        # the previous highest seq becomes bit gap-1 of the window below the new one
+        state.seen_below = (
+            ((state.seen_below << 1 | 1) << (gap - 1)) & _WINDOW_MASK
+            if last >= 0 and gap <= SEEN_WINDOW
+            else 0
+        )
+        seen = Seen.PROCESSED
+    elif seq == last:
+        return Seen.DUPLICATE
+    elif obs.ts > state.last_ts:
         # A lower seq with a newer measurement time is a device whose counter restarted
-        # (reboot, battery swap); a replay or duplicate carries its old time.
-        if obs.seq == state.last_seq or obs.ts <= state.last_ts:
-            return Seen.DUPLICATE
+        # (reboot, battery swap); a replay, a duplicate or a late resend carries its old time.
+        state.seen_below = 0
         seen = Seen.SEQ_RESET
-    state.last_seq = obs.seq
+    else:
+        return _late(state, profile, obs, is_dark, fx, back=last - seq)
+    state.last_seq = seq
     state.last_ts = obs.ts
     _heard(state, profile, obs.received_at, fx)
     for rule in profile.rules:
@@ -262,6 +287,40 @@ def on_reading(
     if seen is Seen.SEQ_RESET:
         fx.touch(state)
     return seen
+
+
+def _late(
+    state: DeviceState,
+    profile: Profile,
+    obs: Observation,
+    is_dark: IsDark,
+    fx: Effects,
+    *,
+    back: int,
+) -> Seen:
+    """A reading below the highest seq: a repeat, too old to tell, or late and never seen.
+
+    A late reading may raise (open a ticket or count an occurrence): the condition held when it
+    was measured. It never clears, starts or ends a duration: the newest reading already set the
+    device's current condition, and a stale one must not undo it.
+    """
+    if back > SEEN_WINDOW:
+        return Seen.STALE
+    bit = 1 << (back - 1)
+    if state.seen_below & bit:
+        return Seen.DUPLICATE
+    state.seen_below |= bit
+    _heard(state, profile, obs.received_at, fx)
+    for rule in profile.rules:
+        assert rule.raise_when is not None
+        if not rule.raise_when.evaluate(obs.fields):
+            continue
+        if rule.spec.schedule == "dusk_dawn" and not is_dark(obs.received_at):
+            continue
+        if rule.for_s is None or rule.id in state.open:
+            _raise(state, profile, rule, at=obs.received_at, details=obs.details(), fx=fx)
+    fx.evaluations += len(profile.rules)
+    return Seen.LATE
 
 
 def _evaluate(

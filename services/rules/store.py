@@ -18,7 +18,16 @@ from asyncpg.pool import PoolConnectionProxy
 
 from cityops.common.kinds import Kind, Priority, TicketStatus
 from cityops.common.tickets import TicketEvent, escalated
-from cityops.rules.engine import Clear, DeviceState, Escalate, OpenTicket, Pending, Raise, Step
+from cityops.rules.engine import (
+    SEEN_WINDOW,
+    Clear,
+    DeviceState,
+    Escalate,
+    OpenTicket,
+    Pending,
+    Raise,
+    Step,
+)
 
 ACTOR = "rules"
 _UNRESOLVED_SQL = "('open', 'acknowledged', 'in_progress')"
@@ -46,6 +55,20 @@ def _epoch(value: datetime | None) -> float:
     return value.timestamp() if value is not None else 0.0
 
 
+_WINDOW_BYTES = SEEN_WINDOW // 8
+_FULL_WINDOW = (1 << SEEN_WINDOW) - 1
+
+
+def window_bytes(seen_below: int) -> bytes:
+    """The seen-seq bitmap as stored in `rule_state.seen_below`."""
+    return seen_below.to_bytes(_WINDOW_BYTES, "big")
+
+
+def window_int(stored: bytes | None) -> int:
+    """The stored bitmap as an int; a row from before the window counts every seq as seen."""
+    return _FULL_WINDOW if stored is None else int.from_bytes(stored, "big") & _FULL_WINDOW
+
+
 # Rule state --------------------------------------------------------------------------------
 
 
@@ -53,7 +76,7 @@ async def load_states(conn: Conn | asyncpg.Pool, *, partitions: Sequence[int]) -
     """The stored state of every device in `partitions`, with its unresolved tickets."""
     rows = await conn.fetch(
         """
-        SELECT device_id, kind, kafka_partition, last_seq, last_ts, last_seen_at,
+        SELECT device_id, kind, kafka_partition, last_seq, seen_below, last_ts, last_seen_at,
                last_status_offset, pending::text AS pending
         FROM rule_state WHERE kafka_partition = ANY($1::int[])
         """,
@@ -71,12 +94,14 @@ async def load_states(conn: Conn | asyncpg.Pool, *, partitions: Sequence[int]) -
             kind=Kind(row["kind"]),
             partition=row["kafka_partition"],
             last_seq=row["last_seq"],
+            seen_below=window_int(row["seen_below"]),
             last_ts=_epoch(row["last_ts"]),
             last_seen=seen,
             last_status_offset=row["last_status_offset"],
             pending=pending,
             persisted=True,
             persisted_seq=row["last_seq"],
+            persisted_seen_below=row["seen_below"],
             persisted_status_offset=row["last_status_offset"],
             persisted_seen=seen,
         )
@@ -123,31 +148,35 @@ async def save_states(conn: Conn, *, states: Sequence[DeviceState]) -> None:
             SET kind = u.kind, kafka_partition = u.kafka_partition, last_seq = u.last_seq,
                 last_ts = u.last_ts, last_seen_at = u.last_seen_at,
                 last_status_offset = u.last_status_offset, pending = u.pending::jsonb,
-                updated_at = now()
+                seen_below = u.seen_below, updated_at = now()
             FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::timestamptz[],
-                        $6::timestamptz[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[])
+                        $6::timestamptz[], $7::bigint[], $8::text[], $9::bytea[], $10::bigint[],
+                        $11::bigint[], $12::bytea[])
                  AS u(device_id, kind, kafka_partition, last_seq, last_ts, last_seen_at,
-                      last_status_offset, pending, expected_seq, expected_status_offset)
+                      last_status_offset, pending, seen_below, expected_seq,
+                      expected_status_offset, expected_seen_below)
             WHERE s.device_id = u.device_id AND s.last_seq = u.expected_seq
               AND s.last_status_offset = u.expected_status_offset
+              AND s.seen_below IS NOT DISTINCT FROM u.expected_seen_below
             RETURNING s.device_id
             """,
             *_state_columns(known),
             [s.persisted_seq for s in known],
             [s.persisted_status_offset for s in known],
+            [s.persisted_seen_below for s in known],
         )
         written.update(row["device_id"] for row in rows)
     if new:
         rows = await conn.fetch(
             """
             INSERT INTO rule_state (device_id, kind, kafka_partition, last_seq, last_ts,
-                                    last_seen_at, last_status_offset, pending)
+                                    last_seen_at, last_status_offset, pending, seen_below)
             SELECT u.device_id, u.kind, u.kafka_partition, u.last_seq, u.last_ts,
-                   u.last_seen_at, u.last_status_offset, u.pending::jsonb
+                   u.last_seen_at, u.last_status_offset, u.pending::jsonb, u.seen_below
             FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::timestamptz[],
-                        $6::timestamptz[], $7::bigint[], $8::text[])
+                        $6::timestamptz[], $7::bigint[], $8::text[], $9::bytea[])
                  AS u(device_id, kind, kafka_partition, last_seq, last_ts, last_seen_at,
-                      last_status_offset, pending)
+                      last_status_offset, pending, seen_below)
             ON CONFLICT (device_id) DO NOTHING
             RETURNING device_id
             """,
@@ -171,6 +200,7 @@ def _state_columns(states: Sequence[DeviceState]) -> list[list[Any]]:
         [_ts(s.last_seen) if s.last_seen else None for s in states],
         [s.last_status_offset for s in states],
         [_pending_json(s.pending) for s in states],
+        [window_bytes(s.seen_below) for s in states],
     ]
 
 
@@ -179,6 +209,7 @@ def mark_saved(states: Iterable[DeviceState]) -> None:
     for state in states:
         state.persisted = True
         state.persisted_seq = state.last_seq
+        state.persisted_seen_below = window_bytes(state.seen_below)
         state.persisted_status_offset = state.last_status_offset
         state.persisted_seen = state.last_seen
 

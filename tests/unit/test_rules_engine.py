@@ -101,11 +101,65 @@ def test_replayed_and_duplicate_seqs_are_ignored_but_a_counter_reset_is_not() ->
     assert engine.on_reading(state, prof, first, never_dark, fx) is Seen.PROCESSED
     assert engine.on_reading(state, prof, first, never_dark, fx) is Seen.DUPLICATE
     older = obs("wb-1", Kind.WASTEBIN, 9, T0 - 5, fill_pct=95.0)
+    assert engine.on_reading(state, prof, older, never_dark, fx) is Seen.LATE  # never seen
     assert engine.on_reading(state, prof, older, never_dark, fx) is Seen.DUPLICATE
     rebooted = obs("wb-1", Kind.WASTEBIN, 0, T0 + 60, fill_pct=95.0)
     assert engine.on_reading(state, prof, rebooted, never_dark, fx) is Seen.SEQ_RESET
     assert state.last_seq == 0
-    assert actions(fx) == [("raise", "bin_full"), ("raise", "bin_full")]
+    assert state.seen_below == 0
+    assert actions(fx) == [("raise", "bin_full")] * 3
+
+
+def test_a_late_never_seen_reading_raises_once_and_its_repeat_is_ignored() -> None:
+    # row 3 of issue 12: a publisher resending after a reconnect delivers 530 before 482-529
+    prof = profile(Kind.WASTEBIN)
+    state = DeviceState("wb-1", Kind.WASTEBIN, 0)
+    fill = {seq: 95.0 if 490 <= seq <= 495 else 50.0 for seq in range(470, 531)}
+    ordered = [*range(470, 482), 530, *range(482, 530)]
+    readings = [obs("wb-1", Kind.WASTEBIN, seq, T0 + seq, fill_pct=fill[seq]) for seq in ordered]
+    fx = Effects()
+    seen = [engine.on_reading(state, prof, r, never_dark, fx) for r in readings]
+    assert seen.count(Seen.LATE) == 48
+    assert actions(fx) == [("raise", "bin_full")] * 6
+    assert state.last_seq == 530
+    assert "bin_full" in state.open
+    again = Effects()
+    assert all(
+        engine.on_reading(state, prof, r, never_dark, again) is Seen.DUPLICATE for r in readings
+    )
+    assert again.decisions == []
+
+
+def test_a_late_reading_never_clears_what_the_newest_one_holds() -> None:
+    prof = profile(Kind.WASTEBIN)
+    state = DeviceState("wb-1", Kind.WASTEBIN, 0)
+    fx = feed(
+        state,
+        prof,
+        obs("wb-1", Kind.WASTEBIN, 10, T0 + 10, fill_pct=95.0),
+        obs("wb-1", Kind.WASTEBIN, 9, T0 + 9, fill_pct=5.0),  # late: emptied, before 10
+    )
+    assert actions(fx) == [("raise", "bin_full")]
+    assert "bin_full" in state.open
+
+
+def test_the_window_is_bounded_and_slides_with_the_highest_seq() -> None:
+    prof = profile(Kind.WASTEBIN)
+    state = DeviceState("wb-1", Kind.WASTEBIN, 0)
+    fx = feed(state, prof, obs("wb-1", Kind.WASTEBIN, 1, T0, fill_pct=10.0))
+    far = obs("wb-1", Kind.WASTEBIN, 1 + 10 * engine.SEEN_WINDOW, T0 + 100, fill_pct=10.0)
+    assert engine.on_reading(state, prof, far, never_dark, fx) is Seen.PROCESSED
+    assert state.seen_below == 0  # a jump past the window forgets it
+    back = state.last_seq - engine.SEEN_WINDOW - 1
+    too_old = obs("wb-1", Kind.WASTEBIN, back, T0 + 50, fill_pct=95.0)
+    assert engine.on_reading(state, prof, too_old, never_dark, fx) is Seen.STALE
+    edge = obs("wb-1", Kind.WASTEBIN, back + 1, T0 + 50, fill_pct=10.0)
+    assert engine.on_reading(state, prof, edge, never_dark, fx) is Seen.LATE
+    assert state.seen_below == 1 << (engine.SEEN_WINDOW - 1)
+    for seq in range(state.last_seq + 1, state.last_seq + 2 * engine.SEEN_WINDOW):
+        feed(state, prof, obs("wb-1", Kind.WASTEBIN, seq, T0 + 200, fill_pct=10.0))
+    assert state.seen_below.bit_length() <= engine.SEEN_WINDOW
+    assert state.seen_below == (1 << engine.SEEN_WINDOW) - 1
 
 
 def test_duration_rule_waits_for_its_hold_then_raises_from_the_timer() -> None:
