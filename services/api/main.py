@@ -418,6 +418,7 @@ def main(argv: list[str]) -> int:
         instance_id=settings.instance_id,
         level=settings.log_level,
         fmt=settings.log_format,
+        repeat_interval_s=settings.log_repeat_interval_s,
     )
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up, absent on some platforms

@@ -34,6 +34,12 @@ class BaseServiceSettings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = Field(
         default="auto", description="auto: JSON unless stderr is a terminal."
     )
+    log_repeat_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="A repeated warning or error is logged once per interval, with a count.",
+    )
     instance_id: str = Field(default_factory=default_instance_id)
     shutdown_timeout_s: float = Field(default=10.0, gt=0, le=300)
 

@@ -218,6 +218,7 @@ def main(argv: list[str]) -> int:
         instance_id=settings.instance_id,
         level=settings.log_level,
         fmt=settings.log_format,
+        repeat_interval_s=settings.log_repeat_interval_s,
     )
     try:
         ruleset = load_rules(settings.rules_file)
