@@ -258,7 +258,7 @@ class RulesWorker:
                         # what the database and the committed offsets agree on.
                         await self._rewind()
                         continue
-                    if self._isolate:
+                    if self._isolate and not self._isolate.keys().isdisjoint(batch):
                         await self._batch_one_by_one(batch)
                     else:
                         await self._batch(batch)
@@ -357,6 +357,7 @@ class RulesWorker:
             fresh = partitions - self._owned
             self._owned = partitions
             self._lagging = set(partitions)  # until a fetch shows them caught up
+            self._isolate = {tp: o for tp, o in self._isolate.items() if tp in assigned}
             if fresh:
                 await self._load(fresh)
                 self._adopt_unheard(self._devices.values(), fresh)
