@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from cityops.common.events import StatusEvent, TelemetryRecord
+from cityops.common.events import EARLIEST_TS, LATEST_TS, StatusEvent, TelemetryRecord
 
 # Columns of `readings` / `device_state`; the rest of a reading goes into the jsonb document.
 _COLUMN_FIELDS = frozenset({"device_id", "kind", "seq", "ts"})
@@ -104,6 +104,8 @@ def telemetry_row(value: bytes) -> ReadingRow:
         raise ValueError("bad seq")
     if ts.tzinfo is None or received_at.tzinfo is None:
         raise ValueError("timestamps need an offset")
+    if not (EARLIEST_TS <= ts < LATEST_TS and EARLIEST_TS <= received_at < LATEST_TS):
+        raise ValueError("timestamp outside the contract's range")
     return ReadingRow(device_id, kind, seq, ts, received_at, orjson.dumps(body).decode())
 
 

@@ -33,7 +33,7 @@ import time
 from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -44,7 +44,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 
-from cityops.common.events import decode_status
+from cityops.common.events import EARLIEST_TS, LATEST_TS, decode_status
 from cityops.common.kinds import KINDS, Kind, Priority
 from cityops.common.registry import DEFAULT_REPORTING_INTERVAL_S, Device, load_devices
 from cityops.common.setaside import UNDECODABLE, UNPROCESSABLE, SetAside, describe, is_data_error
@@ -88,9 +88,9 @@ _ENVELOPE = ("device_id", "kind", "seq", "ts", "received_at", "ingest_id")
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # What evaluating or writing a record's effects can fail with when the record is at fault.
 _DATA_ERRORS = (ValueError, TypeError, OverflowError, KeyError)
-# Timestamps every store accepts (PostgreSQL timestamptz, Python datetime in UTC).
-_MIN_TS = datetime(1970, 1, 2, tzinfo=UTC).timestamp()
-_MAX_TS = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+# The contract's bounds on times (A3): every store accepts them, and a ticket can render them.
+_MIN_TS = EARLIEST_TS.timestamp()
+_MAX_TS = LATEST_TS.timestamp()
 _MAX_SEQ = 2**63 - 1
 
 

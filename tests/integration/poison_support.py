@@ -53,8 +53,8 @@ def corpus(prefix: str) -> list[Poison]:
     d = [f"{prefix}-{n}" for n in range(11)]
     deep = b"[" * 2000 + b"]" * 2000
     return [
-        Poison("year 1", d[0], _reading(d[0], ts="0001-01-01T00:00:00+14:00"), UNPROCESSABLE),
-        Poison("year 9999", d[1], _reading(d[1], ts="9999-12-31T23:59:59-14:00"), UNPROCESSABLE),
+        Poison("year 1", d[0], _reading(d[0], ts="0001-01-01T00:00:00+14:00"), UNDECODABLE),
+        Poison("year 9999", d[1], _reading(d[1], ts="9999-12-31T23:59:59-14:00"), UNDECODABLE),
         Poison("NUL in a value", d[2], _reading(d[2], note="a\u0000b"), UNPROCESSABLE),
         Poison("NUL in the id", d[3], _reading(f"{d[3]}\u0000"), UNPROCESSABLE),
         Poison(

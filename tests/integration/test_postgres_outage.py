@@ -24,6 +24,7 @@ from cityops.common.kinds import Kind
 from tests.helpers import wait_for
 from tests.integration.api_support import BASE_TOPICS, api_settings, run_api
 from tests.integration.ingest_support import free_port
+from tests.integration.kafka_support import StackKafka
 from tests.integration.pg_instance import own_postgres
 from tests.integration.rules_support import Feed, RulesEnv, reading, running_worker
 
@@ -73,16 +74,14 @@ async def stream(feed: Feed, devices: list[str], *, seconds: float, first_seq: i
 
 
 async def test_projector_and_rules_catch_up_after_postgres_is_down_for_30_s(
-    kafka_topics: Any, kafka_bootstrap: str
+    kafka_topics: Any, kafka: StackKafka
 ) -> None:
     topics = await kafka_topics(*BASE_TOPICS, partitions=3)
     devices = [f"wb-{uuid.uuid4().hex[:8]}" for _ in range(DEVICES)]
     async with own_postgres() as pg:
-        rules_env = RulesEnv(
-            kafka_bootstrap, pg.url, topics, f"rules-outage-{uuid.uuid4().hex[:8]}"
-        )
+        rules_env = RulesEnv(kafka, pg.url, topics, f"rules-outage-{uuid.uuid4().hex[:8]}")
         rules_port = free_port()
-        api = api_settings(database_url=pg.url, kafka_bootstrap=kafka_bootstrap, topics=topics)
+        api = api_settings(database_url=pg.url, kafka=kafka, topics=topics)
         async with (
             run_api(api) as running,
             running.client(key=None) as http,

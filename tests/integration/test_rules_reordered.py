@@ -15,6 +15,7 @@ import pytest
 
 from cityops.common.kinds import Kind
 from tests.helpers import wait_for
+from tests.integration.kafka_support import StackKafka
 from tests.integration.rules_support import Feed, make_rules_env, reading, running_worker, tickets
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
@@ -46,9 +47,9 @@ async def occurrences(database_url: str, devices: list[str], expected: int) -> b
 
 
 async def test_late_readings_open_their_tickets_and_replays_add_nothing(
-    kafka_topics: Any, kafka_bootstrap: str, database_url: str
+    kafka_topics: Any, kafka: StackKafka, database_url: str
 ) -> None:
-    env = await make_rules_env(kafka_topics, kafka_bootstrap, database_url)
+    env = await make_rules_env(kafka_topics, kafka, database_url)
     devices = [f"wb-{uuid.uuid4().hex[:8]}" for _ in range(5)]
     resent = [530, *range(482, 530), 531]
     stream = [at(d, seq) for d in devices for seq in [*range(470, 482), *resent]]

@@ -98,6 +98,11 @@ def test_telemetry_row_decodes_what_ingest_encodes() -> None:
         {"ts": "2026-11-26T08:00:00"},
         {"ts": 5},
         {"received_at": "yesterday"},
+        {"ts": "0001-01-01T00:00:00+14:00"},  # issue 12 row 1: not representable in UTC
+        {"ts": "9999-12-31T23:59:59-14:00"},
+        {"ts": "1999-12-31T23:59:59Z"},
+        {"received_at": "2100-01-01T00:00:00Z"},
+        {"seq": 2**63},
     ],
 )
 def test_telemetry_row_refuses_what_the_tables_cannot_hold(change: dict[str, Any]) -> None:

@@ -41,6 +41,13 @@ def test_telemetry_record_becomes_an_observation() -> None:
         b'"received_at":"2026-11-26T08:15:00Z"}',
         b'{"device_id":"wb-1","kind":"wastebin","seq":1,"ts":"yesterday",'
         b'"received_at":"2026-11-26T08:15:00Z"}',
+        # issue 12 row 1: a ticket could not render it, PostgreSQL could not store it
+        b'{"device_id":"wb-1","kind":"wastebin","seq":1,"ts":"0001-01-01T00:00:00+14:00",'
+        b'"received_at":"2026-11-26T08:15:00Z"}',
+        b'{"device_id":"wb-1","kind":"wastebin","seq":1,"ts":"9999-12-31T23:59:59-14:00",'
+        b'"received_at":"2026-11-26T08:15:00Z"}',
+        b'{"device_id":"wb-1","kind":"wastebin","seq":9223372036854775808,'
+        b'"ts":"2026-11-26T08:15:00Z","received_at":"2026-11-26T08:15:00Z"}',
     ],
 )
 def test_bad_telemetry_records_are_refused(value: bytes | None) -> None:
