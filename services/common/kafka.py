@@ -130,8 +130,8 @@ async def ensure_topics(
     """Create the missing topics (name -> partitions); returns the names created.
 
     `configs` (name -> topic configs) are set at creation and also on a topic that exists
-    already, so a cap added later reaches old deployments. That update replaces the topic's
-    dynamic configs with exactly these (AlterConfigs); a failure is logged, not raised.
+    already (merged into its other dynamic configs), so a cap added later reaches old
+    deployments; a failure to update (e.g. no AlterConfigs permission) is logged, not raised.
     """
     configs = configs or {}
     admin = kafka_admin(access)
@@ -162,15 +162,49 @@ async def ensure_topics(
         await admin.close()
 
 
+_DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs v1+ config_source: set on the topic itself
+
+
 async def _set_configs(
     admin: AIOKafkaAdminClient, configs: Mapping[str, Mapping[str, str]]
 ) -> None:
-    resources = [
-        ConfigResource(ConfigResourceType.TOPIC, name, dict(values))
-        for name, values in configs.items()
-    ]
+    """Add `configs` to existing topics, keeping their other dynamic configs; only if needed.
+
+    AlterConfigs replaces a topic's whole dynamic set, so the current one is read first and
+    merged; a topic that already has these values is left alone (no write at every start).
+    """
     try:
-        responses = await admin.alter_configs(resources)
+        described = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, None) for name in configs]
+        )
+        updates: dict[str, dict[str, str]] = {}
+        for response in described:
+            for error_code, error_message, _type, name, entries in response.resources:
+                if error_code:
+                    log.warning(
+                        "could not read the configs of topic %s: %s (error %s)",
+                        name,
+                        error_message,
+                        error_code,
+                        extra={"topic": name},
+                    )
+                    continue
+                current = {
+                    entry[0]: entry[1]
+                    for entry in entries
+                    if type(entry[3]) is int and entry[3] == _DYNAMIC_TOPIC_CONFIG
+                }
+                wanted = {**current, **configs[name]}
+                if wanted != current:
+                    updates[name] = wanted
+        if not updates:
+            return
+        responses = await admin.alter_configs(
+            [
+                ConfigResource(ConfigResourceType.TOPIC, name, values)
+                for name, values in updates.items()
+            ]
+        )
     except KafkaError as exc:
         log.warning("could not set topic configs: %s", exc, extra={"topics": list(configs)})
         return
@@ -184,6 +218,8 @@ async def _set_configs(
                     error_code,
                     extra={"topic": name},
                 )
+            else:
+                log.info("set topic configs", extra={"topic": name, "configs": updates[name]})
 
 
 @contextlib.contextmanager

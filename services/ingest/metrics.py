@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cityops.common.kinds import RejectReason
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
 
@@ -36,7 +38,7 @@ class IngestMetrics:
     @classmethod
     def create(cls, registry: CollectorRegistry) -> IngestMetrics:
         """Register the series on `registry`."""
-        return cls(
+        metrics = cls(
             received=Counter(
                 "cityops_ingest_received_messages_total",
                 "MQTT messages received, by kind and channel (kind 'unknown' for bad topics).",
@@ -142,3 +144,6 @@ class IngestMetrics:
                 registry=registry,
             ),
         )
+        for reason in RejectReason:  # exported at 0 from start-up, so an alert sees the first
+            metrics.deadletters_suppressed.labels(reason.value)
+        return metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import uuid
 
 import pytest
@@ -160,31 +161,41 @@ async def test_a_flood_of_200_kb_payloads_from_one_device_leaves_under_a_megabyt
 
 
 async def test_the_dead_letter_topic_gets_its_size_cap_new_or_existing(
-    case: IngestCase, kafka_topics: MakeTopics
+    case: IngestCase, kafka_topics: MakeTopics, caplog: pytest.LogCaptureFixture
 ) -> None:
-    existing = (await kafka_topics("city.deadletter.v1", partitions=1))["city.deadletter.v1"]
+    own = {"max.message.bytes": "2000000"}  # an operator's setting on the existing topic
+    existing = (await kafka_topics("city.deadletter.v1", partitions=1, configs=own))[
+        "city.deadletter.v1"
+    ]
     fresh = f"city.deadletter.v1.{uuid.uuid4().hex[:12]}"
-    created = await ensure_topics(
-        case.kafka.admin,
-        topics={existing: 1, fresh: 1},
-        configs=dict.fromkeys((existing, fresh), DEADLETTER_TOPIC_CONFIG),
-    )
-    assert created == [fresh]
+    names = (existing, fresh)
+    caplog.set_level(logging.INFO, logger="cityops.common.kafka")
+
+    async def ensure() -> list[str]:
+        return await ensure_topics(
+            case.kafka.admin,
+            topics=dict.fromkeys(names, 1),
+            configs=dict.fromkeys(names, DEADLETTER_TOPIC_CONFIG),
+        )
+
+    assert await ensure() == [fresh]
     admin = kafka_admin(case.kafka.admin)
     await admin.start()
     try:
-        wanted = dict.fromkeys(DEADLETTER_TOPIC_CONFIG)
         responses = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, name, wanted) for name in (existing, fresh)]
+            [ConfigResource(ConfigResourceType.TOPIC, name, None) for name in names]
         )
         found: dict[str, dict[str, str]] = {}
         for response in responses:
             for _code, _message, _type, name, entries in response.resources:
                 found[name] = {entry[0]: entry[1] for entry in entries}
-        for name in (existing, fresh):
-            assert {k: found[name][k] for k in DEADLETTER_TOPIC_CONFIG} == dict(
-                DEADLETTER_TOPIC_CONFIG
-            ), name
+        for name in names:
+            capped = {k: found[name][k] for k in DEADLETTER_TOPIC_CONFIG}
+            assert capped == dict(DEADLETTER_TOPIC_CONFIG), name
+        assert found[existing]["max.message.bytes"] == "2000000"  # merged, not replaced
+        caplog.clear()
+        assert await ensure() == []
+        assert not [r for r in caplog.records if r.getMessage() == "set topic configs"]
     finally:
         await admin.delete_topics([fresh])
         await admin.close()
