@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from prometheus_client import Counter
 
@@ -204,7 +204,9 @@ class Pipeline:
             batch, received_at, received_mono = self._queue.popleft()
             taken += len(batch)
             entries.extend(self._process(inbound, received_at, received_mono) for inbound in batch)
-        decided: list[_Pending] = await self._decide_held(entries) if self._held else entries  # type: ignore[assignment] # no None left
+        if self._held:
+            await self._decide_held(entries)
+        decided = cast("list[_Pending]", entries)  # every held entry is decided by now
         if self._summaries_due:
             self._summaries_due = False
             decided.extend(self._summaries())
@@ -212,7 +214,9 @@ class Pipeline:
         self._queued -= taken  # only now: held messages stay counted as in flight
         if self._turn_suppressed:
             self._turn_suppressed = 0
-            await self._send([entry for entry in decided if entry.future is None])
+            to_send = [entry for entry in decided if entry.future is None]
+            if to_send:
+                await self._send(to_send)
             self._release_acks()  # suppressed rejects at the head need no delivery
         else:
             await self._send(decided)
@@ -230,7 +234,7 @@ class Pipeline:
             return False
         return True
 
-    async def _decide_held(self, entries: list[_Pending | None]) -> list[_Pending | None]:
+    async def _decide_held(self, entries: list[_Pending | None]) -> None:
         """Look up the held messages' devices (one query), then validate them again, in place."""
         held, self._held = self._held, []
         device_ids, self._held_ids = list(self._held_ids), {}
@@ -241,33 +245,13 @@ class Pipeline:
             if entry is None:
                 inbound, received_at, received_mono = next(again)
                 entries[index] = self._process(inbound, received_at, received_mono, lookup=False)
-        return entries
 
     def _process(
         self, inbound: Inbound, received_at: datetime, received_mono: float, *, lookup: bool = True
     ) -> _Pending | None:
         """The pending entry for one message, or None when it is held for a registry lookup."""
         stats = self.stats
-        try:
-            mqtt_topic = inbound.topic.decode()
-        except UnicodeDecodeError:
-            mqtt_topic = inbound.topic.decode(errors="replace")
-            result: Accepted | Rejected = Rejected(
-                RejectReason.TOPIC, clip(f"topic is not UTF-8: {inbound.topic!r}"), None
-            )
-        else:
-            if inbound.retained:
-                result = self._validator.refuse_retained(mqtt_topic)
-            else:
-                try:
-                    result = self._validator.validate(mqtt_topic, inbound.payload, received_at)
-                except Exception as exc:  # a validation bug must not stop the loop (A5)
-                    log.exception("validation failed", extra={"mqtt_topic": clip(mqtt_topic)})
-                    result = Rejected(
-                        RejectReason.UNPROCESSABLE,
-                        clip(f"validation failed: {type(exc).__name__}"),
-                        None,
-                    )
+        mqtt_topic, result = self._decide(inbound, received_at)
         metrics = self._metrics
         if isinstance(result, Accepted):
             stats.received += 1
@@ -311,39 +295,69 @@ class Pipeline:
                 result.channel.value if result.channel else "unknown",
             ).inc()
             metrics.rejected.labels(reason.value).inc()
-            if not self._budget.admit(result.key, reason, mqtt_topic, received_mono):
-                metrics.deadletters_suppressed.labels(reason.value).inc()
-                self._turn_suppressed += 1
-                self._schedule_summaries()
-                return _Pending(
-                    inbound.mid,
-                    inbound.generation,
-                    received_mono,
-                    self._validator.topics.deadletter,
-                    result.key,
-                    b"",
-                    None,
-                    future=self._released,
-                )
-            value, headers = deadletter_record(
-                reason,
-                result.detail,
-                inbound.payload,
-                mqtt_topic=mqtt_topic,
-                received_at=received_at,
-                ingest_id=self._ingest_id,
-                prefix_bytes=self._prefix_bytes,
+            entry = self._dead_letter(inbound, result, mqtt_topic, received_at, received_mono)
+        return entry
+
+    def _decide(self, inbound: Inbound, received_at: datetime) -> tuple[str, Accepted | Rejected]:
+        """The message's topic as text and what validation made of it."""
+        try:
+            mqtt_topic = inbound.topic.decode()
+        except UnicodeDecodeError:
+            detail = clip(f"topic is not UTF-8: {inbound.topic!r}")
+            return inbound.topic.decode(errors="replace"), Rejected(
+                RejectReason.TOPIC, detail, None
             )
-            entry = _Pending(
+        if inbound.retained:
+            return mqtt_topic, self._validator.refuse_retained(mqtt_topic)
+        try:
+            return mqtt_topic, self._validator.validate(mqtt_topic, inbound.payload, received_at)
+        except Exception as exc:  # a validation bug must not stop the loop (A5)
+            log.exception("validation failed", extra={"mqtt_topic": clip(mqtt_topic)})
+            detail = clip(f"validation failed: {type(exc).__name__}")
+            return mqtt_topic, Rejected(RejectReason.UNPROCESSABLE, detail, None)
+
+    def _dead_letter(
+        self,
+        inbound: Inbound,
+        rejected: Rejected,
+        mqtt_topic: str,
+        received_at: datetime,
+        received_mono: float,
+    ) -> _Pending:
+        """The dead letter of a reject, or past its device's budget an entry already released."""
+        reason = rejected.reason
+        if not self._budget.admit(rejected.key, reason, mqtt_topic, received_mono):
+            self._metrics.deadletters_suppressed.labels(reason.value).inc()
+            self._turn_suppressed += 1
+            self._schedule_summaries()
+            return _Pending(
                 inbound.mid,
                 inbound.generation,
                 received_mono,
                 self._validator.topics.deadletter,
-                result.key,
-                value,
-                headers,
+                rejected.key,
+                b"",
+                None,
+                future=self._released,
             )
-        return entry
+        value, headers = deadletter_record(
+            reason,
+            rejected.detail,
+            inbound.payload,
+            mqtt_topic=mqtt_topic,
+            received_at=received_at,
+            ingest_id=self._ingest_id,
+            prefix_bytes=self._prefix_bytes,
+        )
+        return _Pending(
+            inbound.mid,
+            inbound.generation,
+            received_mono,
+            self._validator.topics.deadletter,
+            rejected.key,
+            value,
+            headers,
+        )
 
     def _schedule_summaries(self) -> None:
         if self._summary_timer is None:
