@@ -11,6 +11,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    field_validator,
     model_validator,
 )
 
@@ -22,7 +23,7 @@ from cityops.common.events import (
     WastebinReading,
 )
 from cityops.common.kinds import Kind, Priority, TicketStatus
-from cityops.common.topics import DEVICE_ID_PATTERN
+from cityops.common.topics import DEVICE_ID_PATTERN, RESERVED_DEVICE_IDS, is_reserved_device_id
 
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN, min_length=3, max_length=64)]
 District = Annotated[SafeText, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
@@ -78,6 +79,15 @@ class DeviceCreate(_Input):
     reporting_interval_s: ReportingInterval | None = None
     metadata: Metadata = Field(default_factory=dict)
     enabled: bool = True
+
+    @field_validator("device_id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        # the broker binds client ids to device ids: these belong to the MQTT services
+        if is_reserved_device_id(value):
+            names = ", ".join(RESERVED_DEVICE_IDS)
+            raise ValueError(f"reserved for the platform's MQTT services ({names}, or NAME-...)")
+        return value
 
     @model_validator(mode="after")
     def _both_coordinates(self) -> DeviceCreate:

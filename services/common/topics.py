@@ -13,6 +13,11 @@ from cityops.common.kinds import KINDS, Kind
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.-]{3,64}$"
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 TOPIC_ROOT = "city"
+# Never device ids, nor their `-` extensions: the broker binds a device's client id to its id
+# (or id-suffix), and these are the MQTT service accounts and the prefixes of the services'
+# client ids (ingest-<host>-<n>, cityops-sim-..., cityops-stack-probe-...). The auth plugin
+# gets the same list (deploy/mosquitto/mosquitto.conf, plugin_opt_reserved_ids).
+RESERVED_DEVICE_IDS = ("ingest", "gateway", "dispatcher", "cityops")
 
 # The dead-letter topic is written by anyone who can reach ingest with bad bytes: it gets a size
 # cap (per partition; Kafka deletes whole closed segments, so a partition holds at most about
@@ -50,6 +55,13 @@ class DeviceTopic:
 def is_valid_device_id(device_id: str) -> bool:
     """Return whether `device_id` is 3-64 characters of `[A-Za-z0-9_.-]`."""
     return _DEVICE_ID_RE.fullmatch(device_id) is not None
+
+
+def is_reserved_device_id(device_id: str) -> bool:
+    """Whether `device_id` is a reserved name or one of them followed by `-`."""
+    return any(
+        device_id == name or device_id.startswith(f"{name}-") for name in RESERVED_DEVICE_IDS
+    )
 
 
 def parse_topic(topic: str) -> DeviceTopic:

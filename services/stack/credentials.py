@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from cityops.common.topics import RESERVED_DEVICE_IDS
 from cityops.stack.layout import StackError, StackPaths
 
 SECRET_KEYS = (
@@ -16,9 +17,13 @@ SECRET_KEYS = (
     "POSTGRES_CITYOPS_PASSWORD",
     "API_BOOTSTRAP_KEY",
     "POSTGRES_GRAFANA_PASSWORD",
+    "MQTT_DISPATCHER_PASSWORD",
 )
 INGEST_USER = "ingest"
 GATEWAY_USER = "gateway"
+DISPATCHER_USER = "dispatcher"
+# never device ids: the service accounts, and prefixes of the services' client ids
+RESERVED_MQTT_IDS = RESERVED_DEVICE_IDS
 DB_ROLE = "cityops"
 DB_NAME = "cityops"
 GRAFANA_ROLE = "cityops_grafana"
@@ -34,6 +39,7 @@ class StackSecrets:
     postgres_cityops_password: str
     api_bootstrap_key: str
     postgres_grafana_password: str
+    mqtt_dispatcher_password: str
 
     def __repr__(self) -> str:
         return "StackSecrets(<hidden>)"
@@ -67,6 +73,7 @@ def _from_values(values: dict[str, str]) -> StackSecrets:
         postgres_cityops_password=values["POSTGRES_CITYOPS_PASSWORD"],
         api_bootstrap_key=values["API_BOOTSTRAP_KEY"],
         postgres_grafana_password=values["POSTGRES_GRAFANA_PASSWORD"],
+        mqtt_dispatcher_password=values["MQTT_DISPATCHER_PASSWORD"],
     )
 
 
@@ -125,12 +132,11 @@ def render_env(paths: StackPaths, stack_secrets: StackSecrets) -> str:
         "CITYOPS_INGEST_MQTT_PASSWORD": stack_secrets.mqtt_ingest_password,
         "CITYOPS_SIMULATOR_MQTT_USERNAME": GATEWAY_USER,
         "CITYOPS_SIMULATOR_MQTT_PASSWORD": stack_secrets.mqtt_gateway_password,
-        "CITYOPS_MQTT_PASSWORD_FILE": str(mqtt_dir / "passwd"),
-        "CITYOPS_MQTT_SERVICE_PASSWORD_FILE": str(mqtt_dir / "service.passwd"),
+        "CITYOPS_DISPATCHER_MQTT_USERNAME": DISPATCHER_USER,
+        "CITYOPS_DISPATCHER_MQTT_PASSWORD": stack_secrets.mqtt_dispatcher_password,
+        # the devices file the broker's auth plugin reads (the API writes it) and its lock
         "CITYOPS_MQTT_DEVICE_PASSWORD_FILE": str(mqtt_dir / "devices.passwd"),
         "CITYOPS_MQTT_PASSWORD_LOCK_FILE": str(mqtt_dir / "passwd.lock"),
-        # the broker's own pid, written by its supervisor (cityops.stack.supervise)
-        "CITYOPS_MQTT_BROKER_PID_FILE": str(paths.child_pid_file("mosquitto")),
         "CITYOPS_API_BOOTSTRAP_KEY": stack_secrets.api_bootstrap_key,
     }
     for key, value in settings.items():

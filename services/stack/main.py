@@ -218,6 +218,15 @@ async def _wait_all(
     return {name: task.result() for name, task in waits.items()}
 
 
+def _old_broker_running(paths: StackPaths) -> bool:
+    """Whether the supervised broker runs another binary than ours (e.g. Debian's 2.0.11)."""
+    try:
+        pid = int(paths.child_pid_file("mosquitto").read_text(encoding="utf-8").split()[0])
+        return Path(f"/proc/{pid}/exe").resolve() != mosquitto.BINARY.resolve()
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def cmd_up(paths: StackPaths) -> int:
     """Install, configure and start whatever is missing; wait until every server answers."""
     begun = time.monotonic()
@@ -237,10 +246,17 @@ def cmd_up(paths: StackPaths) -> int:
         "kafka": kafka.prepare(paths),
         "prometheus": prometheus.prepare(paths),
     }
-    changed["mosquitto"], credentials_changed = mosquitto.prepare(paths, stack_secrets)
+    changed["mosquitto"] = mosquitto.prepare(paths, stack_secrets)
 
     specs = server_specs(paths)
     to_start = [name for name in SERVERS if running_pid(paths, specs[name]) is None]
+    if "mosquitto" not in to_start and (changed["mosquitto"] or _old_broker_running(paths)):
+        # clients reconnect (their sessions are saved at a clean stop); credentials never
+        # need this, the plugin follows the password files
+        print("stack: restarting mosquitto (new binary, config or auth plugin)", flush=True)
+        print(f"mosquitto: {stop(paths, specs['mosquitto'])}", flush=True)
+        to_start.insert(SERVERS.index("mosquitto"), "mosquitto")
+        to_start.sort(key=SERVERS.index)
     for name in SERVERS:
         if name in to_start:
             continue
@@ -250,8 +266,6 @@ def cmd_up(paths: StackPaths) -> int:
                 "(`cityops stack down && cityops stack up`)",
                 flush=True,
             )
-        if name == "mosquitto" and credentials_changed:
-            mosquitto.reload(paths)
     # every port is checked before anything starts: a conflict leaves nothing half-started
     for name in to_start:
         for port in specs[name].ports:

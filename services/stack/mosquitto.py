@@ -1,4 +1,10 @@
-"""Mosquitto with per-device password-file credentials and a `%u` ACL."""
+"""Mosquitto 2.0.21 (built by broker_build) with the cityops auth plugin.
+
+The plugin (deploy/mosquitto/plugin/) authenticates against `service.passwd` and
+`devices.passwd` and re-reads them when they change: no signal, no reload. `BrokerInstance`
+renders and prepares one broker (home folder, port, accounts); the stack's broker is one, and
+tests that must restart or kill a broker start their own with another home and port.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +13,79 @@ import os
 import pwd
 import string
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from cityops.common import mqtt_auth
-from cityops.stack.credentials import GATEWAY_USER, INGEST_USER, StackSecrets
+from cityops.stack import broker_build
+from cityops.stack.credentials import (
+    DISPATCHER_USER,
+    GATEWAY_USER,
+    INGEST_USER,
+    RESERVED_MQTT_IDS,
+    StackSecrets,
+)
 from cityops.stack.layout import StackError, StackPaths
 from cityops.stack.procs import ServerSpec, write_if_changed
 
 PORT = 1883
-BINARY = "/usr/sbin/mosquitto"
+BINARY = broker_build.BINARY
 SERVICE_USER = "mosquitto"
+MAX_SESSIONS_PER_DEVICE = 3
 
 
-class MosquittoLayout:
-    """Paths under `.stack/mosquitto` (setgid group `mosquitto`, so files stay readable)."""
+@dataclass(frozen=True)
+class BrokerInstance:
+    """One broker: where its files live and what it listens on."""
+
+    home: Path
+    deploy: Path
+    port: int = PORT
+    bind: str = "127.0.0.1"
+    max_sessions: int = MAX_SESSIONS_PER_DEVICE
+
+    @property
+    def data(self) -> Path:
+        """Persistence (mosquitto.db)."""
+        return self.home / "data"
+
+    @property
+    def conf(self) -> Path:
+        """The rendered mosquitto.conf."""
+        return self.home / "mosquitto.conf"
+
+    @property
+    def service_passwd(self) -> Path:
+        """Service accounts (ingest, gateway, dispatcher), written by the stack."""
+        return self.home / "service.passwd"
+
+    @property
+    def devices_passwd(self) -> Path:
+        """One line per device, written by the API (and the simulator's direct mode)."""
+        return self.home / "devices.passwd"
+
+    @property
+    def lock(self) -> Path:
+        """flock shared by every writer of the password files."""
+        return self.home / "passwd.lock"
+
+    @property
+    def plugin(self) -> Path:
+        """The compiled auth plugin."""
+        return self.home / "cityops_auth.so"
+
+    @property
+    def conf_template(self) -> Path:
+        """The checked-in config template."""
+        return self.deploy / "mosquitto" / "mosquitto.conf"
+
+
+class MosquittoLayout(BrokerInstance):
+    """The stack's own broker: `.stack/mosquitto`, port 1883 on loopback."""
 
     def __init__(self, paths: StackPaths) -> None:
-        self.home = paths.root / "mosquitto"
-        self.data = self.home / "data"
-        self.conf = self.home / "mosquitto.conf"
-        self.acl = self.home / "acl"
-        self.passwd = self.home / "passwd"
-        self.service_passwd = self.home / "service.passwd"
-        self.devices_passwd = self.home / "devices.passwd"
-        self.lock = self.home / "passwd.lock"
-        self.conf_template = paths.deploy / "mosquitto" / "mosquitto.conf"
-        self.acl_template = paths.deploy / "mosquitto" / "acl"
+        super().__init__(home=paths.root / "mosquitto", deploy=paths.deploy)
 
 
 def _ids() -> tuple[int, int]:
@@ -44,82 +97,91 @@ def _ids() -> tuple[int, int]:
         ) from exc
 
 
-def render_conf(layout: MosquittoLayout) -> str:
+def render_conf(instance: BrokerInstance) -> str:
     """The broker config from the checked-in template."""
-    template = string.Template(layout.conf_template.read_text(encoding="utf-8"))
-    return template.substitute(mosquitto_dir=str(layout.home))
+    template = string.Template(instance.conf_template.read_text(encoding="utf-8"))
+    return template.substitute(
+        mosquitto_dir=str(instance.home),
+        port=str(instance.port),
+        bind_address=instance.bind,
+        plugin=str(instance.plugin),
+        ingest_user=INGEST_USER,
+        gateway_user=GATEWAY_USER,
+        dispatcher_user=DISPATCHER_USER,
+        reserved_ids=",".join(RESERVED_MQTT_IDS),
+        max_sessions=str(instance.max_sessions),
+    )
 
 
-def _service_accounts(stack_secrets: StackSecrets) -> dict[str, str]:
+def service_accounts(stack_secrets: StackSecrets) -> dict[str, str]:
+    """Service account name -> clear-text password."""
     return {
         INGEST_USER: stack_secrets.mqtt_ingest_password,
         GATEWAY_USER: stack_secrets.mqtt_gateway_password,
+        DISPATCHER_USER: stack_secrets.mqtt_dispatcher_password,
     }
 
 
-def _service_passwd_current(layout: MosquittoLayout, accounts: dict[str, str]) -> bool:
-    if not layout.service_passwd.exists():
+def _service_passwd_current(path: Path, accounts: Mapping[str, str]) -> bool:
+    if not path.exists():
         return False
-    entries = mqtt_auth.parse_password_file(layout.service_passwd.read_text(encoding="utf-8"))
+    entries = mqtt_auth.parse_password_file(path.read_text(encoding="utf-8"))
     return set(entries) == set(accounts) and all(
         mqtt_auth.verify_password(password, entries[user]) for user, password in accounts.items()
     )
 
 
-def prepare(paths: StackPaths, stack_secrets: StackSecrets) -> tuple[bool, bool]:
-    """Write config, ACL and password files; returns (config changed, credentials changed)."""
-    layout = MosquittoLayout(paths)
-    if not Path(BINARY).exists():
-        raise StackError(f"{BINARY} not found: the mosquitto package is not installed")
-    uid, gid = _ids()
-    layout.home.mkdir(parents=True, exist_ok=True)
-    os.chown(layout.home, 0, gid)
-    # setgid: files created here (also by other tools) get group mosquitto
-    layout.home.chmod(0o2750)
-    layout.data.mkdir(exist_ok=True)
-    os.chown(layout.data, uid, gid)
-    layout.data.chmod(0o750)
+def prepare_instance(instance: BrokerInstance, accounts: Mapping[str, str]) -> bool:
+    """Build what is missing and write config and service accounts; True if the config changed.
 
-    config_changed = write_if_changed(layout.conf, render_conf(layout), mode=0o640)
-    credentials_changed = write_if_changed(
-        layout.acl, layout.acl_template.read_text(encoding="utf-8"), mode=0o640
-    )
-    accounts = _service_accounts(stack_secrets)
-    with mqtt_auth.password_files_lock(layout.lock):
-        if not _service_passwd_current(layout, accounts):
+    Run as root: the folder is setgid `mosquitto` so the broker, which drops privileges to that
+    user, reads every file in it and writes data/.
+    """
+    broker_build.ensure_broker(instance.deploy)
+    uid, gid = _ids()
+    instance.home.mkdir(parents=True, exist_ok=True)
+    os.chown(instance.home, 0, gid)
+    instance.home.chmod(0o2750)
+    instance.data.mkdir(exist_ok=True)
+    os.chown(instance.data, uid, gid)
+    instance.data.chmod(0o750)
+    plugin_before = instance.plugin.stat().st_mtime_ns if instance.plugin.exists() else None
+    broker_build.build_plugin(instance.deploy, instance.plugin)
+    config_changed = write_if_changed(instance.conf, render_conf(instance), mode=0o640)
+    config_changed |= instance.plugin.stat().st_mtime_ns != plugin_before
+    with mqtt_auth.password_files_lock(instance.lock):
+        if not _service_passwd_current(instance.service_passwd, accounts):
             lines = [(user, mqtt_auth.hash_password(pw)) for user, pw in accounts.items()]
             mqtt_auth.write_file_atomic(
-                layout.service_passwd, mqtt_auth.render_password_file(lines)
+                instance.service_passwd, mqtt_auth.render_password_file(lines)
             )
-        if not layout.devices_passwd.exists():
-            mqtt_auth.write_file_atomic(layout.devices_passwd, "")
-        credentials_changed |= mqtt_auth.combine_password_files(
-            service_file=layout.service_passwd,
-            device_file=layout.devices_passwd,
-            out_file=layout.passwd,
-        )
+        if not instance.devices_passwd.exists():
+            mqtt_auth.write_file_atomic(instance.devices_passwd, "")
     for path in (
-        layout.conf,
-        layout.acl,
-        layout.passwd,
-        layout.service_passwd,
-        layout.devices_passwd,
-        layout.lock,
+        instance.conf,
+        instance.plugin,
+        instance.service_passwd,
+        instance.devices_passwd,
+        instance.lock,
     ):
         os.chown(path, 0, gid)
-    return config_changed, credentials_changed
+    return config_changed
 
 
-def reload(paths: StackPaths) -> bool:
-    """SIGHUP our broker so it re-reads passwd and acl."""
-    return mqtt_auth.reload_broker(paths.child_pid_file("mosquitto"))
+def prepare(paths: StackPaths, stack_secrets: StackSecrets) -> bool:
+    """Prepare the stack's broker; returns whether its config (or plugin) changed."""
+    return prepare_instance(MosquittoLayout(paths), service_accounts(stack_secrets))
+
+
+def broker_argv(instance: BrokerInstance) -> list[str]:
+    """The broker's own command line (foreground; it drops privileges to `mosquitto`)."""
+    return [str(BINARY), "-c", str(instance.conf)]
 
 
 def spec(paths: StackPaths) -> ServerSpec:
-    """How to run the broker (foreground; it drops privileges to `mosquitto` itself).
+    """How to run the broker: under `cityops.stack.supervise`, restarted whenever it exits.
 
-    It runs under `cityops.stack.supervise`, which restarts it after a crash (Mosquitto
-    2.0.11 can segfault on SIGHUP reloads); the marker, our config path, is in both.
+    The marker, our config path, is in both command lines.
     """
     layout = MosquittoLayout(paths)
     supervisor = [
@@ -134,7 +196,7 @@ def spec(paths: StackPaths) -> ServerSpec:
     ]
     return ServerSpec(
         name="mosquitto",
-        argv=[*supervisor, BINARY, "-c", str(layout.conf)],
+        argv=[*supervisor, *broker_argv(layout)],
         marker=str(layout.conf),
         ports=(PORT,),
         cwd=layout.home,

@@ -42,11 +42,18 @@ def mqtt_connect_reason(
     username: str | None,
     password: str | None,
     timeout_s: float = 5.0,
+    client_id: str | None = None,
 ) -> str | None:
-    """CONNECT with MQTT 5; None on CONNACK success, else the reason (blocking: run in a thread)."""
+    """CONNECT with MQTT 5; None on CONNACK success, else the reason (blocking: run in a thread).
+
+    The default client id is `<username>-probe-<random>`: the broker binds a device's client
+    ids to its id (the id itself or id-suffix), and a probe must not take a real client over.
+    """
+    probe = uuid.uuid4().hex[:12]
     client = Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"cityops-stack-probe-{uuid.uuid4().hex[:12]}",
+        client_id=client_id
+        or (f"{username}-probe-{probe}" if username else f"cityops-stack-probe-{probe}"),
         protocol=MQTTProtocolVersion.MQTTv5,
     )
     if username is not None:

@@ -73,23 +73,40 @@ def test_mosquitto_conf_rendered(paths: StackPaths) -> None:
     lines = {line.split(" ", 1)[0]: line for line in text.splitlines() if line[:1].isalpha()}
     assert lines["listener"] == "listener 1883 127.0.0.1"
     assert lines["allow_anonymous"] == "allow_anonymous false"
-    assert lines["password_file"] == f"password_file {home}/passwd"
-    assert lines["acl_file"] == f"acl_file {home}/acl"
+    # one mechanism: the auth plugin reads the password files; no password_file, no acl_file
+    assert "password_file" not in lines
+    assert "acl_file" not in lines
+    assert lines["plugin"] == f"plugin {home}/cityops_auth.so"
+    options = {
+        key.removeprefix("plugin_opt_"): line.split(" ", 1)[1]
+        for key, line in lines.items()
+        if key.startswith("plugin_opt_")
+    }
+    assert options == {
+        "service_password_file": f"{home}/service.passwd",
+        "device_password_file": f"{home}/devices.passwd",
+        "ingest_user": "ingest",
+        "gateway_user": "gateway",
+        "dispatcher_user": "dispatcher",
+        "reserved_ids": "ingest,gateway,dispatcher,cityops",
+        "max_sessions": "3",
+    }
     assert lines["persistence_location"] == f"persistence_location {home}/data/"
     assert lines["max_packet_size"] == "max_packet_size 262144"  # > 4 KiB: ingest dead-letters
-    assert "plugin" not in lines  # no dynamic-security plugin
 
 
-def test_acl_scopes_devices_to_their_own_topics() -> None:
-    acl = (repo_root() / "deploy" / "mosquitto" / "acl").read_text()
-    rules = [line.strip() for line in acl.splitlines() if line.strip() and line[0] != "#"]
-    assert rules == [
-        "pattern write city/+/%u/telemetry",
-        "pattern write city/+/%u/status",
-        "user ingest",
-        "topic read city/#",
-        "user gateway",
-        "topic write city/#",
+def test_mosquitto_conf_renders_for_a_test_broker_of_its_own(tmp_path: Path) -> None:
+    instance = mosquitto.BrokerInstance(
+        home=tmp_path / "b", deploy=repo_root() / "deploy", port=18899, max_sessions=5
+    )
+    text = mosquitto.render_conf(instance)
+    assert "listener 18899 127.0.0.1\n" in text
+    assert f"plugin_opt_device_password_file {tmp_path}/b/devices.passwd\n" in text
+    assert "plugin_opt_max_sessions 5\n" in text
+    assert mosquitto.broker_argv(instance) == [
+        str(mosquitto.BINARY),
+        "-c",
+        str(tmp_path / "b" / "mosquitto.conf"),
     ]
 
 
@@ -110,7 +127,7 @@ def test_prometheus_config_rendered_with_absolute_rules() -> None:
 
 
 def test_env_file_is_sourceable_by_bash(paths: StackPaths, tmp_path: Path) -> None:
-    secrets = StackSecrets("in-gest_1", "gate-way_2", "su_3", "db-4", "key_5", "graf-6")
+    secrets = StackSecrets("in-gest_1", "gate-way_2", "su_3", "db-4", "key_5", "graf-6", "disp-7")
     text = render_env(paths, secrets)
     env_file = tmp_path / "cityops.env"
     env_file.write_text(text)

@@ -8,6 +8,7 @@ from cityops.common.kinds import Kind
 from cityops.common.topics import (
     Channel,
     TopicError,
+    is_reserved_device_id,
     is_valid_device_id,
     parse_topic,
     status_topic,
@@ -52,3 +53,16 @@ def test_device_id_rule() -> None:
     assert not is_valid_device_id("ab")
     assert not is_valid_device_id("a+b")
     assert not is_valid_device_id("é-device")
+
+
+@pytest.mark.parametrize(
+    "device_id",
+    ["ingest", "gateway", "dispatcher", "cityops", "ingest-host-0", "cityops-sim-x-1"],
+)
+def test_service_names_and_their_dash_extensions_are_reserved(device_id: str) -> None:
+    assert is_reserved_device_id(device_id)
+
+
+@pytest.mark.parametrize("device_id", ["wb-0001", "ingestor", "gateways-1", "my-ingest", "city"])
+def test_ordinary_ids_are_not_reserved(device_id: str) -> None:
+    assert not is_reserved_device_id(device_id)
