@@ -1,16 +1,17 @@
-"""Keep a server running: restart it when it dies on its own, like systemd's Restart=on-failure.
+"""Keep a server running: restart it whenever it exits, like systemd's Restart=always.
 
 `python -m cityops.stack.supervise --name N --pid-file F -- ARGV...` runs ARGV, writes the
-child's pid to F (tools signal the server itself, e.g. SIGHUP to reload Mosquitto), and:
+child's pid to F (the server itself, for tools and fault tests), and:
 
-- on SIGTERM / SIGINT forwards the signal, waits for the child and exits 0;
-- when the child exits 0 on its own, exits 0;
-- when it crashes, logs why and starts it again after a short pause, up to a bound of
-  restarts per minute (then exits 1: a server that cannot stay up needs a person).
+- on SIGTERM / SIGINT forwards the signal, waits for the child and exits 0: only the stack
+  stopping it (`cityops stack down`, or `up` replacing it) ends the server;
+- whenever the child exits on its own, crash or exit 0 (a broker told to stop by someone
+  else, an exit after a fatal config error), logs why and starts it again after a short
+  pause, up to a bound of restarts per minute (then exits 1: a server that cannot stay up
+  needs a person).
 
-The native stack runs Mosquitto under it: Debian 12's Mosquitto 2.0.11 was seen to segfault
-during SIGHUP reloads (upstream eclipse-mosquitto/mosquitto#3418, session expiry list
-corruption, fixed in later releases), and production units restart it the same way.
+The native stack runs Mosquitto under it; production units (deploy/systemd/) do the same with
+Restart=always.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def describe_exit(returncode: int) -> str:
 
 
 def supervise(name: str, argv: list[str], pid_file: Path) -> int:
-    """Run `argv` until told to stop; restart it after crashes (bounded)."""
+    """Run `argv` until told to stop; restart it whenever it exits (bounded)."""
     stopping: list[int] = []
     child: subprocess.Popen[bytes] | None = None
 
@@ -62,16 +63,16 @@ def supervise(name: str, argv: list[str], pid_file: Path) -> int:
             child = subprocess.Popen(argv)  # noqa: S603 - argv comes from the stack's own spec
             pid_file.write_text(f"{child.pid}\n", encoding="utf-8")
             returncode = child.wait()
-            if stopping or returncode == 0:
+            if stopping:
                 return 0
             now = time.monotonic()
             crashes.append(now)
             while crashes and now - crashes[0] > RESTART_WINDOW_S:
                 crashes.popleft()
             if len(crashes) > MAX_RESTARTS:
-                _say(name, f"died {len(crashes)} times within {RESTART_WINDOW_S:.0f}s; giving up")
+                _say(name, f"exited {len(crashes)} times in {RESTART_WINDOW_S:.0f}s; giving up")
                 return 1
-            _say(name, f"died ({describe_exit(returncode)}); restarting in {RESTART_PAUSE_S}s")
+            _say(name, f"exited ({describe_exit(returncode)}); restarting in {RESTART_PAUSE_S}s")
             time.sleep(RESTART_PAUSE_S)
         return 0
     finally:

@@ -1,4 +1,4 @@
-"""The supervisor restarts a crashed server, forwards SIGTERM, and gives up on a crash loop."""
+"""The supervisor restarts a server on any exit, forwards SIGTERM, and gives up on a loop."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_a_crashed_child_is_restarted_and_sigterm_stops_it(tmp_path: Path) -> No
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
     stderr = process.stderr.read().decode() if process.stderr else ""
-    assert "died (signal SIGSEGV); restarting" in stderr
+    assert "exited (signal SIGSEGV); restarting" in stderr
     assert not pid_file.exists()
     _wait(lambda: not Path(f"/proc/{child}").exists() or _zombie(child))
 
@@ -69,9 +69,16 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def test_a_clean_exit_ends_supervision(tmp_path: Path) -> None:
-    process, pid_file = _start(tmp_path, "exit 0")
+def test_a_clean_exit_is_restarted_too(tmp_path: Path) -> None:
+    # a broker stopped by someone else (SIGTERM to the server itself) exits 0: still restarted
+    script = "if [ -e exited ]; then touch restarted; exec sleep 60; else touch exited; exit 0; fi"
+    process, pid_file = _start(tmp_path, script)
+    _wait((tmp_path / "restarted").exists)
+    assert process.poll() is None
+    process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    assert "exited (exit 0); restarting" in stderr
     assert not pid_file.exists()
 
 
