@@ -83,7 +83,8 @@ class MqttTestClient:
     username: str | None
     password: str | None
     protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
-    client_id: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:12]}")
+    # default: `<username>-test-<random>` (the broker binds a device's client ids to its id)
+    client_id: str = ""
     connack: ReasonCode | None = None
     messages: list[MQTTMessage] = field(default_factory=list)
     puback: dict[int, ReasonCode] = field(default_factory=dict)
@@ -91,6 +92,10 @@ class MqttTestClient:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _connected: threading.Event = field(default_factory=threading.Event)
     _client: Client | None = None
+
+    def __post_init__(self) -> None:
+        if not self.client_id:
+            self.client_id = f"{self.username or 'anonymous'}-test-{uuid.uuid4().hex[:12]}"
 
     def connect(self, *, timeout: float = 10.0) -> ReasonCode:
         """CONNECT and wait for CONNACK; returns its reason code (failure codes included)."""

@@ -572,13 +572,10 @@ async def run_api_bench(
                 "CITYOPS_API_BOOTSTRAP_KEY": key,
                 **{f"CITYOPS_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
             }
-            # Provisioning writes a private copy of the broker's files (no broker to SIGHUP):
-            # the cost measured is hashing, the database and the atomic file writes.
+            # Provisioning writes a private devices file (no broker reads it): the cost
+            # measured is hashing, the database and the atomic file writes.
             with tempfile.TemporaryDirectory(prefix="cityops-api-bench-") as folder:
-                service_file = Path(folder) / "service.passwd"
-                service_file.write_text("")
-                api_env["CITYOPS_MQTT_PASSWORD_FILE"] = str(Path(folder) / "passwd")
-                api_env["CITYOPS_MQTT_SERVICE_PASSWORD_FILE"] = str(service_file)
+                api_env["CITYOPS_MQTT_DEVICE_PASSWORD_FILE"] = str(Path(folder) / "devices.passwd")
                 records.clear()  # the load generator keeps nothing it does not need
                 async with _api_process(api_env) as base:
                     with _quiet_collector() as pauses:

@@ -169,11 +169,7 @@ def build_context(
 
     bootstrap = settings.api_bootstrap_key
     files = BrokerFiles.from_settings(
-        password_file=settings.mqtt_password_file,
-        service_file=settings.mqtt_service_password_file,
-        device_file=settings.mqtt_device_password_file,
-        pid_file=settings.mqtt_broker_pid_file,
-        lock_file=settings.mqtt_password_lock_file,
+        device_file=settings.mqtt_device_password_file, lock_file=settings.mqtt_password_lock_file
     )
     return ApiContext(
         settings=settings,
@@ -330,7 +326,6 @@ async def running_service(
     finally:
         stop.set()
         await context.broadcaster.close()
-        context.credentials.reloader.cancel()
         if projector_task is not None:
             try:
                 await asyncio.wait_for(projector_task, settings.shutdown_timeout_s)

@@ -1,10 +1,11 @@
 """Device provisioning: registry rows plus per-device MQTT credentials in Mosquitto.
 
 The password is generated here, returned once and stored only as Mosquitto's `$7$` PBKDF2
-hash in `device_credentials`. The broker's password file is updated from the database under
+hash in `device_credentials`. The broker's devices file is updated from the database under
 a PostgreSQL advisory lock (held until the provisioning transaction commits, so replicas
-apply changes in commit order) and a file lock (other tools on the same host), written
-atomically, and the broker is sent SIGHUP, which reloads it without dropping connections.
+apply changes in commit order) and a file lock (other tools on the same host) and written
+atomically; the broker's auth plugin notices the new file within 0.2 s by itself (no signal,
+no reload) and drops the connections of revoked devices.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import csv
 import io
 import logging
 import secrets
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,108 +44,38 @@ def new_password() -> str:
 
 @dataclass(frozen=True, slots=True)
 class BrokerFiles:
-    """Where the broker's credentials live on this host."""
+    """Where the broker's device credentials live on this host."""
 
-    password_file: Path
-    service_file: Path
     device_file: Path
     lock_file: Path
-    pid_file: Path | None
 
     @classmethod
     def from_settings(
-        cls,
-        *,
-        password_file: Path | None,
-        service_file: Path | None,
-        device_file: Path | None,
-        pid_file: Path | None,
-        lock_file: Path | None = None,
+        cls, *, device_file: Path | None, lock_file: Path | None = None
     ) -> BrokerFiles | None:
-        """None when no password file is configured (credentials then live only in the DB)."""
-        if password_file is None:
+        """None when no devices file is configured (credentials then live only in the DB)."""
+        if device_file is None:
             return None
-        folder = password_file.parent
         return cls(
-            password_file=password_file,
-            service_file=service_file or folder / "service.passwd",
-            device_file=device_file or folder / "devices.passwd",
-            lock_file=lock_file or folder / "passwd.lock",
-            pid_file=pid_file,
+            device_file=device_file, lock_file=lock_file or device_file.with_name("passwd.lock")
         )
 
 
 def apply_to_files(files: BrokerFiles, changes: Mapping[str, str | None]) -> bool:
-    """Set (hash) or remove (None) device entries and re-render the broker's file.
-
-    Returns whether the broker's file changed (and so needs a reload).
-    """
+    """Set (hash) or remove (None) device entries; returns whether the file changed."""
     with mqtt_auth.password_files_lock(files.lock_file):
-        current = (
-            mqtt_auth.parse_password_file(files.device_file.read_text(encoding="utf-8"))
-            if files.device_file.exists()
-            else {}
-        )
+        text = files.device_file.read_text(encoding="utf-8") if files.device_file.exists() else ""
+        current = mqtt_auth.parse_password_file(text)
         for device_id, password_hash in changes.items():
             if password_hash is None:
                 current.pop(device_id, None)
             else:
                 current[device_id] = password_hash
-        mqtt_auth.write_file_atomic(
-            files.device_file, mqtt_auth.render_password_file(current.items())
-        )
-        return mqtt_auth.combine_password_files(
-            service_file=files.service_file,
-            device_file=files.device_file,
-            out_file=files.password_file,
-        )
-
-
-class BrokerReloader:
-    """SIGHUPs the broker after credential changes, at most once per `min_interval_s`.
-
-    Reloads are coalesced on the trailing edge: a burst of provisioning requests costs one
-    reload (Mosquitto 2.0.11 was seen to segfault during a burst of reloads), and the last
-    change is always followed by a reload.
-    """
-
-    def __init__(
-        self,
-        *,
-        pid_file: Path | None,
-        min_interval_s: float,
-        signal_broker: Callable[[Path], bool] = mqtt_auth.reload_broker,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._pid_file = pid_file
-        self._min_interval_s = min_interval_s
-        self._signal_broker = signal_broker
-        self._clock = clock
-        self._last = -float("inf")
-        self._scheduled: asyncio.TimerHandle | None = None
-        self.reloads = 0
-
-    def request(self) -> None:
-        """Ask for a reload soon (now if none happened within the interval)."""
-        if self._pid_file is None or self._scheduled is not None:
-            return
-        delay = max(0.0, self._last + self._min_interval_s - self._clock())
-        self._scheduled = asyncio.get_running_loop().call_later(delay, self._fire)
-
-    def _fire(self) -> None:
-        self._scheduled = None
-        self._last = self._clock()
-        assert self._pid_file is not None
-        if self._signal_broker(self._pid_file):
-            self.reloads += 1
-        else:
-            log.warning("broker not running: credentials apply when it starts")
-
-    def cancel(self) -> None:
-        """Drop a pending reload (shutdown)."""
-        if self._scheduled is not None:
-            self._scheduled.cancel()
-            self._scheduled = None
+        rendered = mqtt_auth.render_password_file(current.items())
+        if rendered == text:
+            return False
+        mqtt_auth.write_file_atomic(files.device_file, rendered)
+        return True
 
 
 class CredentialStore:
@@ -157,12 +87,8 @@ class CredentialStore:
         files: BrokerFiles | None,
         metrics: ApiMetrics,
         iterations: int,
-        reload_interval_s: float = 0.2,
     ) -> None:
         self.files = files
-        self.reloader = BrokerReloader(
-            pid_file=files.pid_file if files else None, min_interval_s=reload_interval_s
-        )
         self._metrics = metrics
         self._iterations = iterations
 
@@ -176,7 +102,7 @@ class CredentialStore:
         return await asyncio.to_thread(run)
 
     async def apply(self, conn: Conn, changes: Mapping[str, str | None]) -> None:
-        """Lock (until the caller commits), then write the broker files and reload the broker."""
+        """Lock (until the caller commits), then write the broker's devices file."""
         if not changes:
             return
         if self.files is None:
@@ -189,8 +115,6 @@ class CredentialStore:
             self._metrics.credential_syncs.labels("error").inc()
             raise
         self._metrics.credential_syncs.labels("ok").inc()
-        if changed:
-            self.reloader.request()
         log.info(
             "broker credentials updated",
             extra={"changes": len(changes), "file_changed": changed},

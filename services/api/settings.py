@@ -75,14 +75,11 @@ class ApiSettings(KafkaSettings, DatabaseSettings, CityMetricsSettings):
         default=DEFAULT_RETENTION_DAYS[Kind.PARKING], ge=1, le=36_500
     )
 
-    # MQTT credentials (Mosquitto password file; see provisioning.py).
-    mqtt_password_file: Path | None = Field(
-        default=None, description="The file the broker reads (service accounts + devices)."
+    # MQTT credentials (the broker's devices file, read by its auth plugin; provisioning.py).
+    mqtt_device_password_file: Path | None = Field(
+        default=None, description="The devices password file the broker's auth plugin reads."
     )
-    mqtt_service_password_file: Path | None = None
-    mqtt_device_password_file: Path | None = None
     mqtt_password_lock_file: Path | None = None
-    mqtt_broker_pid_file: Path | None = None
     mqtt_password_iterations: int = Field(default=101, ge=1, le=1_000_000)
 
     api_summary_cache_s: float = Field(

@@ -1,13 +1,13 @@
-"""Mosquitto password-file credentials: `$7$` PBKDF2-SHA512 hashes, atomic file writes, reload.
+"""Mosquitto password-file credentials: `$7$` PBKDF2-SHA512 hashes and atomic file writes.
 
 Mosquitto 2.0 (`mosquitto_passwd`) writes one `username:$7$<iterations>$<b64 salt>$<b64 hash>`
 line per user: a 12-byte random salt and PBKDF2-HMAC-SHA512 with a 64-byte key, 101 iterations
 by default. Writing these lines from Python lets us provision 100k devices in seconds, where the
 dynamic-security plugin managed ~46 devices/s (ARCHITECTURE.md Part B).
 
-The broker reads `passwd` = service accounts (`service.passwd`) + devices (`devices.passwd`);
-whoever changes either part re-renders `passwd` with `combine_password_files` and SIGHUPs the
-broker with `reload_broker`, which reloads password and ACL files without dropping connections.
+The broker's auth plugin (deploy/mosquitto/plugin/) reads `service.passwd` (service accounts,
+written by the stack) and `devices.passwd` (written by the API under `password_files_lock`
+with `write_file_atomic`) and notices a change by itself within 0.2 s: no signal, no reload.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -132,41 +131,3 @@ def password_files_lock(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def combine_password_files(*, service_file: Path, device_file: Path, out_file: Path) -> bool:
-    """Render `out_file` = service accounts + devices; returns whether its content changed.
-
-    A device entry cannot shadow a service account: service lines win.
-    """
-    service = parse_password_file(service_file.read_text(encoding="utf-8"))
-    devices = (
-        parse_password_file(device_file.read_text(encoding="utf-8")) if device_file.exists() else {}
-    )
-    merged = dict(service)
-    merged.update((user, hashed) for user, hashed in devices.items() if user not in service)
-    text = render_password_file(merged.items())
-    if out_file.exists() and out_file.read_text(encoding="utf-8") == text:
-        return False
-    write_file_atomic(out_file, text)
-    return True
-
-
-def reload_broker(pid_file: Path) -> bool:
-    """Send SIGHUP to the broker named in `pid_file`; returns False when it is not running."""
-    try:
-        pid = int(pid_file.read_text(encoding="utf-8").split()[0])
-    except (FileNotFoundError, IndexError, ValueError):
-        return False
-    # A stale pid file may name a recycled pid: only ever signal a mosquitto process.
-    try:
-        comm = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8").strip()
-    except OSError:
-        return False
-    if comm != "mosquitto":
-        return False
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except ProcessLookupError:
-        return False
-    return True

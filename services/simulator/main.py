@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
 from asyncpg import PostgresError
@@ -27,7 +26,6 @@ from pydantic import ValidationError
 from cityops.api.provisioning import BrokerFiles
 from cityops.common.kinds import RejectReason
 from cityops.common.logs import configure_logging
-from cityops.common.mqtt_auth import reload_broker
 from cityops.common.ops import serve_ops, stop_on_signals
 from cityops.common.topics import status_topic
 from cityops.simulator.city import DEFAULT_PLACE, PLACES, City, Place, build_city
@@ -253,12 +251,10 @@ def options_from_args(args: argparse.Namespace, settings_place: Place | None = N
 
 
 def broker_files(settings: SimulatorSettings) -> BrokerFiles | None:
-    """The broker's credential files, when this host has them."""
+    """The broker's devices file, when this host has it."""
     return BrokerFiles.from_settings(
-        password_file=settings.mqtt_password_file,
-        service_file=settings.mqtt_service_password_file,
         device_file=settings.mqtt_device_password_file,
-        pid_file=settings.mqtt_broker_pid_file,
+        lock_file=settings.mqtt_password_lock_file,
     )
 
 
@@ -292,32 +288,9 @@ async def provision(
     )
 
 
-class BrokerNudge:
-    """Re-send SIGHUP to the broker, at most once per `min_interval_s`.
-
-    Measured on the shared stack (Mosquitto 2.0.11): a SIGHUP sent right after the password
-    file is replaced sometimes leaves the new device lines unused ("Not authorized" for
-    seconds), while a second SIGHUP a moment later applies them at once.
-    """
-
-    def __init__(self, pid_file: Path | None, *, min_interval_s: float = 1.0) -> None:
-        self._pid_file = pid_file
-        self._min_interval_s = min_interval_s
-        self._last = 0.0
-
-    def __call__(self) -> None:
-        now = time.monotonic()
-        if self._pid_file is None or now - self._last < self._min_interval_s:
-            return
-        self._last = now
-        reload_broker(self._pid_file)
-
-
-async def _connect_with_retry(
-    publisher: MqttPublisher, *, patience_s: float, nudge: Callable[[], None]
-) -> None:
-    """Connect; a refusal is retried for `patience_s` (new device passwords take effect a
-    moment after the broker's SIGHUP, longer on a busy machine)."""
+async def _connect_with_retry(publisher: MqttPublisher, *, patience_s: float) -> None:
+    """Connect; a refusal is retried for `patience_s` (the broker's auth plugin picks new
+    device passwords up within a fraction of a second, longer on a busy machine)."""
     deadline = time.monotonic() + patience_s
     delay = 0.2
     while True:
@@ -326,7 +299,6 @@ async def _connect_with_retry(
         except MqttConnectError:
             if time.monotonic() + delay > deadline:
                 raise
-            nudge()
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
         else:
@@ -337,12 +309,11 @@ async def _connect_all(
     publishers: Sequence[MqttPublisher],
     *,
     patience_s: float = 0.0,
-    nudge: Callable[[], None] = lambda: None,
 ) -> None:
     for start in range(0, len(publishers), 200):
         await asyncio.gather(
             *(
-                _connect_with_retry(p, patience_s=patience_s, nudge=nudge)
+                _connect_with_retry(p, patience_s=patience_s)
                 for p in publishers[start : start + 200]
             )
         )
@@ -505,18 +476,13 @@ async def run(
         radio_effects=options.radio_effects,
     )
     if options.provision and options.settle_s > 0:
-        # ingest refreshes its registry cache on a timer (5 s by default), and the broker
-        # applies new device passwords a moment after its SIGHUP
+        # ingest refreshes its registry cache on a timer (5 s by default)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=options.settle_s)
     stats = PublishStats()
     publishers = _publishers(settings, options, fleet, passwords, stats)
     if passwords:
-        await _connect_all(
-            publishers,
-            patience_s=DEVICE_CONNECT_PATIENCE_S,
-            nudge=BrokerNudge(settings.mqtt_broker_pid_file),
-        )
+        await _connect_all(publishers, patience_s=DEVICE_CONNECT_PATIENCE_S)
     else:
         await _connect_all(publishers)
     log.info(

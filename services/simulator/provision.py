@@ -2,9 +2,10 @@
 
 Directly: one `upsert_devices` statement per chunk (10k devices in well under a second), the
 districts table, and, for one-connection-per-device mode, MQTT credentials written the way
-the API writes them (hash in `device_credentials`, line in the broker's password file under
-the same advisory lock, broker SIGHUP). Through the API: `POST /v1/devices:import` with
-JSON lines, which returns the credentials of the devices it created.
+the API writes them (hash in `device_credentials`, line in the broker's devices file under
+the same advisory lock; the broker's auth plugin picks it up by itself). Through the API:
+`POST /v1/devices:import` with JSON lines, which returns the credentials of the devices it
+created.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ async def _set_credentials(
 ) -> dict[str, str]:
     if broker_files is None:
         raise ProvisionError(
-            "per-device connections need CITYOPS_MQTT_PASSWORD_FILE (the broker's password file)"
+            "per-device connections need CITYOPS_MQTT_DEVICE_PASSWORD_FILE "
+            "(the broker's devices file)"
         )
     passwords = {device_id: new_password() for device_id in device_ids}
 

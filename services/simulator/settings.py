@@ -33,11 +33,10 @@ class SimulatorSettings(BaseServiceSettings):
     city_lat: float | None = Field(default=None, ge=-90, le=90)
     city_lon: float | None = Field(default=None, ge=-180, le=180)
     city_tz: str | None = Field(default=None, max_length=64)
-    # Per-device mode writes device credentials the way the API does (Mosquitto password file).
-    mqtt_password_file: Path | None = None
-    mqtt_service_password_file: Path | None = None
+    # Direct provisioning writes device credentials the way the API does (the broker's
+    # devices file, read by its auth plugin).
     mqtt_device_password_file: Path | None = None
-    mqtt_broker_pid_file: Path | None = None
+    mqtt_password_lock_file: Path | None = None
 
     @field_validator("mqtt_url")
     @classmethod

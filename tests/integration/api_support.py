@@ -110,11 +110,8 @@ def api_settings(
     }
     if mqtt is not None:
         values.update(
-            mqtt_password_file=Path(mqtt.password_file),
-            mqtt_service_password_file=Path(mqtt.service_password_file),
             mqtt_device_password_file=Path(mqtt.device_password_file),
             mqtt_password_lock_file=Path(mqtt.lock_file),
-            mqtt_broker_pid_file=Path(mqtt.broker_pid_file),
         )
     values.update(overrides)
     return ApiSettings(**values)

@@ -13,7 +13,10 @@ Per test (factories clean up what they made):
 - `database_url` -> str: URL of a fresh database `t_<uuid>` cloned from a template with all
   migrations applied (`cityops.common.migrate.apply_migrations`); dropped after the test.
 - `provision_mqtt_device` -> `await provision("wb-0042")` returns a fresh password; the device
-  can CONNECT when it returns (password file re-rendered, broker SIGHUPed); removed after.
+  can CONNECT when it returns (devices file rewritten: the broker's auth plugin follows it, no
+  signal); removed after.
+- `own_broker` -> OwnBroker: a started broker of the test's own (port 18830-18899, temp folder;
+  tests/integration/broker_support.py) for tests that restart, kill or crash it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import asyncio
 import hashlib
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +36,7 @@ import pytest
 import pytest_asyncio
 from aiokafka.admin import NewTopic
 
+from cityops.api.provisioning import BrokerFiles, apply_to_files
 from cityops.common import mqtt_auth
 from cityops.common.kafka import kafka_admin
 from cityops.common.scratch import drop_database, quote_ident
@@ -44,6 +48,7 @@ from tests.integration.kafka_support import StackKafka
 
 if TYPE_CHECKING:
     from tests.integration.api_support import ApiCase
+    from tests.integration.broker_support import OwnBroker
     from tests.integration.ingest_support import IngestCase
 
 MakeTopics = Callable[..., Awaitable[dict[str, str]]]
@@ -64,11 +69,8 @@ class MqttSettings:
     ingest_password: str
     gateway_username: str
     gateway_password: str
-    password_file: Path
-    service_password_file: Path
     device_password_file: Path
     lock_file: Path
-    broker_pid_file: Path
 
     def __repr__(self) -> str:
         return f"MqttSettings(host={self.host!r}, port={self.port})"
@@ -210,7 +212,7 @@ async def database_url(stack_env: Mapping[str, str], database_template: str) -> 
 def mqtt_settings(stack_env: Mapping[str, str]) -> MqttSettings:
     """Mosquitto address, service accounts and credential files of the stack."""
     url = urlsplit(stack_env["CITYOPS_MQTT_URL"])
-    password_file = Path(stack_env["CITYOPS_MQTT_PASSWORD_FILE"])
+    device_file = Path(stack_env["CITYOPS_MQTT_DEVICE_PASSWORD_FILE"])
     return MqttSettings(
         host=url.hostname or "127.0.0.1",
         port=url.port or 1883,
@@ -218,38 +220,17 @@ def mqtt_settings(stack_env: Mapping[str, str]) -> MqttSettings:
         ingest_password=stack_env["CITYOPS_INGEST_MQTT_PASSWORD"],
         gateway_username=stack_env["CITYOPS_SIMULATOR_MQTT_USERNAME"],
         gateway_password=stack_env["CITYOPS_SIMULATOR_MQTT_PASSWORD"],
-        password_file=password_file,
-        service_password_file=Path(stack_env["CITYOPS_MQTT_SERVICE_PASSWORD_FILE"]),
-        device_password_file=Path(stack_env["CITYOPS_MQTT_DEVICE_PASSWORD_FILE"]),
+        device_password_file=device_file,
         lock_file=Path(
-            stack_env.get("CITYOPS_MQTT_PASSWORD_LOCK_FILE")
-            or password_file.with_name("passwd.lock")
+            stack_env.get("CITYOPS_MQTT_PASSWORD_LOCK_FILE") or device_file.with_name("passwd.lock")
         ),
-        broker_pid_file=Path(stack_env["CITYOPS_MQTT_BROKER_PID_FILE"]),
     )
 
 
 def edit_devices(mqtt: MqttSettings, *, add: Mapping[str, str], remove: set[str]) -> None:
-    """Change devices.passwd, re-render passwd and SIGHUP the broker (under the file lock)."""
-    with mqtt_auth.password_files_lock(mqtt.lock_file):
-        current = (
-            mqtt_auth.parse_password_file(mqtt.device_password_file.read_text(encoding="utf-8"))
-            if mqtt.device_password_file.exists()
-            else {}
-        )
-        for device_id in remove:
-            current.pop(device_id, None)
-        current.update(add)
-        mqtt_auth.write_file_atomic(
-            mqtt.device_password_file, mqtt_auth.render_password_file(current.items())
-        )
-        mqtt_auth.combine_password_files(
-            service_file=mqtt.service_password_file,
-            device_file=mqtt.device_password_file,
-            out_file=mqtt.password_file,
-        )
-    if not mqtt_auth.reload_broker(mqtt.broker_pid_file):
-        pytest.fail(f"Mosquitto is not running (pid file {mqtt.broker_pid_file})", pytrace=False)
+    """Change devices.passwd the way the API does (file lock, atomic write); no signal."""
+    files = BrokerFiles(device_file=mqtt.device_password_file, lock_file=mqtt.lock_file)
+    apply_to_files(files, {**dict.fromkeys(remove), **add})
 
 
 @pytest_asyncio.fixture
@@ -273,7 +254,7 @@ async def provision_mqtt_device(mqtt_settings: MqttSettings) -> AsyncIterator[Pr
             )
             return reason is None
 
-        # SIGHUP is handled in the broker's main loop: the new line is live a moment later
+        # the broker's auth plugin stats the file before refusing a login: live at once
         await wait_for(can_connect, timeout=10, interval=0.1, message=f"{device_id} can CONNECT")
         return password
 
@@ -282,6 +263,15 @@ async def provision_mqtt_device(mqtt_settings: MqttSettings) -> AsyncIterator[Pr
     finally:
         if provisioned:
             await asyncio.to_thread(edit_devices, mqtt_settings, add={}, remove=provisioned)
+
+
+@pytest.fixture
+def own_broker() -> Iterator[OwnBroker]:
+    """A started broker of this test's own, removed afterwards (see broker_support.py)."""
+    from tests.integration.broker_support import own_broker_running
+
+    with own_broker_running() as broker:
+        yield broker
 
 
 @pytest_asyncio.fixture

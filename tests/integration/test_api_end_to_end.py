@@ -86,12 +86,7 @@ async def test_mqtt_reading_reaches_the_api_and_sigterm_is_graceful(
         "CITYOPS_INSTANCE_ID": f"api-e2e-{tag}",
         **{
             key: stack_env[key]
-            for key in (
-                "CITYOPS_MQTT_PASSWORD_FILE",
-                "CITYOPS_MQTT_SERVICE_PASSWORD_FILE",
-                "CITYOPS_MQTT_DEVICE_PASSWORD_FILE",
-                "CITYOPS_MQTT_BROKER_PID_FILE",
-            )
+            for key in ("CITYOPS_MQTT_DEVICE_PASSWORD_FILE", "CITYOPS_MQTT_PASSWORD_LOCK_FILE")
         },
     }
     ingest_client_id = f"ingest-e2e-{tag}"

@@ -28,10 +28,8 @@ def settings_for(mqtt: MqttSettings, database_url: str) -> SimulatorSettings:
         simulator_mqtt_username=mqtt.gateway_username,
         simulator_mqtt_password=mqtt.gateway_password,
         database_url=database_url,
-        mqtt_password_file=mqtt.password_file,
-        mqtt_service_password_file=mqtt.service_password_file,
         mqtt_device_password_file=mqtt.device_password_file,
-        mqtt_broker_pid_file=mqtt.broker_pid_file,
+        mqtt_password_lock_file=mqtt.lock_file,
         shutdown_timeout_s=5.0,
     )
 

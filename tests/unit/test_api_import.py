@@ -57,47 +57,17 @@ def test_row_limit() -> None:
 
 
 def test_broker_files_are_edited_not_replaced(tmp_path: Path) -> None:
-    folder = tmp_path
-    files = BrokerFiles.from_settings(
-        password_file=folder / "passwd", service_file=None, device_file=None, pid_file=None
-    )
+    files = BrokerFiles.from_settings(device_file=tmp_path / "devices.passwd", lock_file=None)
     assert files is not None
-    files.service_file.write_text(f"ingest:{mqtt_auth.hash_password('s')}\n")
+    assert files.lock_file == tmp_path / "passwd.lock"
     files.device_file.write_text(f"foreign-1:{mqtt_auth.hash_password('f')}\n")
-    apply_to_files(files, {"wb-1": mqtt_auth.hash_password("p"), "foreign-1": None})
-    apply_to_files(files, {"wb-2": mqtt_auth.hash_password(new_password())})
-    assert set(mqtt_auth.parse_password_file(files.device_file.read_text())) == {"wb-1", "wb-2"}
-    combined = mqtt_auth.parse_password_file(files.password_file.read_text())
-    assert set(combined) == {"ingest", "wb-1", "wb-2"}
-    assert mqtt_auth.verify_password("p", combined["wb-1"])
+    assert apply_to_files(files, {"wb-1": mqtt_auth.hash_password("p"), "foreign-1": None})
+    assert apply_to_files(files, {"wb-2": mqtt_auth.hash_password(new_password())})
+    entries = mqtt_auth.parse_password_file(files.device_file.read_text())
+    assert set(entries) == {"wb-1", "wb-2"}
+    assert mqtt_auth.verify_password("p", entries["wb-1"])
+    assert not apply_to_files(files, {"foreign-1": None})  # nothing to change: not rewritten
 
 
-async def test_reloads_are_coalesced_and_the_last_change_is_reloaded(tmp_path: Path) -> None:
-    import asyncio
-
-    from cityops.api.provisioning import BrokerReloader
-
-    signalled: list[float] = []
-    loop = asyncio.get_running_loop()
-
-    def signal_broker(_: Path) -> bool:
-        signalled.append(loop.time())
-        return True
-
-    reloader = BrokerReloader(
-        pid_file=tmp_path / "pid", min_interval_s=0.1, signal_broker=signal_broker
-    )
-    reloader.request()
-    await asyncio.sleep(0.01)
-    assert len(signalled) == 1  # the first change reloads at once
-    for _ in range(20):  # a burst
-        reloader.request()
-    await asyncio.sleep(0.02)
-    assert len(signalled) == 1
-    await asyncio.sleep(0.15)
-    assert len(signalled) == 2  # ...costs one more reload, after the interval
-    assert signalled[1] - signalled[0] >= 0.099
-    assert reloader.reloads == 2
-    BrokerReloader(pid_file=None, min_interval_s=0.1, signal_broker=signal_broker).request()
-    await asyncio.sleep(0.01)
-    assert len(signalled) == 2
+def test_no_device_file_means_credentials_live_only_in_the_database() -> None:
+    assert BrokerFiles.from_settings(device_file=None) is None

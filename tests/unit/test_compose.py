@@ -188,3 +188,29 @@ def test_ingest_keeps_one_client_id_across_container_recreation() -> None:
     service = COMPOSE["services"]["ingest"]
     client_id = environment("ingest").get("CITYOPS_INGEST_CLIENT_ID") or service.get("hostname")
     assert client_id, "set CITYOPS_INGEST_CLIENT_ID (or hostname:) for the ingest service"
+
+
+def test_compose_broker_is_built_like_the_native_one() -> None:
+    from cityops.stack import broker_build
+
+    service = SERVICES["mosquitto"]
+    assert service["build"]["dockerfile"] == "deploy/mosquitto/Dockerfile"
+    assert service["restart"] == "unless-stopped"
+    dockerfile = (ROOT / "deploy" / "mosquitto" / "Dockerfile").read_text("utf-8")
+    assert f"MOSQUITTO_DEBIAN_VERSION={broker_build.DEBIAN_VERSION}" in dockerfile
+    assert f"make -C src -j2 {' '.join(broker_build.MAKE_FLAGS)} mosquitto" in dockerfile
+    assert "COPY deploy/mosquitto/patches/" in dockerfile
+    assert "make -C /build/plugin" in dockerfile
+    assert "Suites: trixie" in dockerfile and "Types: deb-src" in dockerfile
+
+
+def test_compose_broker_runs_the_auth_plugin_like_the_native_one() -> None:
+    native = _conf(ROOT / "deploy" / "mosquitto" / "mosquitto.conf")
+    compose = _conf(ROOT / "deploy" / "compose" / "mosquitto.conf")
+    assert "password_file" not in compose and "acl_file" not in compose
+    assert compose["plugin"] == "/usr/lib/cityops/cityops_auth.so"
+    options = {key for key in native if key.startswith("plugin_opt_")}
+    assert options == {key for key in compose if key.startswith("plugin_opt_")}
+    assert compose["plugin_opt_device_password_file"] == "/mosquitto/auth/devices.passwd"
+    api = environment("api")
+    assert api["CITYOPS_MQTT_DEVICE_PASSWORD_FILE"] == compose["plugin_opt_device_password_file"]

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import base64
-import os
-import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -97,50 +93,3 @@ def test_write_file_atomic_leaves_old_file_on_failure(tmp_path: Path) -> None:
         mqtt_auth.write_file_atomic(target, "\udcff")  # lone surrogate cannot be encoded
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["passwd"]
-
-
-def test_combine_password_files_service_accounts_win(tmp_path: Path) -> None:
-    service = tmp_path / "service.passwd"
-    devices = tmp_path / "devices.passwd"
-    out = tmp_path / "passwd"
-    service_hash = mqtt_auth.hash_password("svc")
-    service.write_text(f"ingest:{service_hash}\n")
-    devices.write_text(f"ingest:{VECTOR_HASH}\n{VECTOR_USER}:{VECTOR_HASH}\n")
-    assert mqtt_auth.combine_password_files(service_file=service, device_file=devices, out_file=out)
-    assert mqtt_auth.parse_password_file(out.read_text()) == {
-        "ingest": service_hash,
-        VECTOR_USER: VECTOR_HASH,
-    }
-    # unchanged input: no rewrite, so callers know not to SIGHUP
-    assert not mqtt_auth.combine_password_files(
-        service_file=service, device_file=devices, out_file=out
-    )
-
-
-def test_combine_without_device_file(tmp_path: Path) -> None:
-    service = tmp_path / "service.passwd"
-    service.write_text(f"gateway:{VECTOR_HASH}\n")
-    out = tmp_path / "passwd"
-    mqtt_auth.combine_password_files(
-        service_file=service, device_file=tmp_path / "missing", out_file=out
-    )
-    assert out.read_text() == service.read_text()
-
-
-def test_reload_broker_without_pid_file(tmp_path: Path) -> None:
-    assert not mqtt_auth.reload_broker(tmp_path / "none.pid")
-    (tmp_path / "bad.pid").write_text("not a pid")
-    assert not mqtt_auth.reload_broker(tmp_path / "bad.pid")
-
-
-def test_reload_broker_never_signals_a_non_mosquitto_process(tmp_path: Path) -> None:
-    # a stale pid file naming some other process must not get that process a SIGHUP
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        pid_file = tmp_path / "mosquitto.pid"
-        pid_file.write_text(f"{sleeper.pid}\n")
-        assert not mqtt_auth.reload_broker(pid_file)
-        assert sleeper.poll() is None
-    finally:
-        os.kill(sleeper.pid, signal.SIGKILL)
-        sleeper.wait()
