@@ -85,6 +85,14 @@ struct watched_file {
 	struct table accounts;
 };
 
+/* A connection to drop on the next tick (never from inside a login: the connecting client
+ * may be one of them). Devices: by client id, if that client still holds the session. */
+struct pending_kick {
+	char *username;
+	char *client_id;
+	const struct mosquitto *client;
+};
+
 struct plugin_state {
 	mosquitto_plugin_id_t *id;
 	struct watched_file services;
@@ -97,6 +105,9 @@ struct plugin_state {
 	struct timespec last_check;
 	struct user_sessions **sessions;
 	size_t session_buckets;
+	struct pending_kick *kicks;
+	size_t kick_count;
+	size_t kick_capacity;
 };
 
 /* ---- small helpers ---------------------------------------------------------------- */
@@ -296,21 +307,8 @@ static bool same_secret(const struct account *a, const struct account *b)
 		&& memcmp(a->hash, b->hash, a->hash_len) == 0;
 }
 
-/* Kick every connection of an account that is gone or has a new password. */
-static size_t kick_changed(const struct table *old_table, const struct table *new_table)
-{
-	size_t kicked = 0;
-	for(size_t i = 0; i < old_table->nbuckets; i++){
-		for(const struct account *old = old_table->buckets[i]; old; old = old->next){
-			const struct account *now = table_find(new_table, old->name);
-			if(now == NULL || !same_secret(old, now)){
-				mosquitto_kick_client_by_username(old->name, false);
-				kicked++;
-			}
-		}
-	}
-	return kicked;
-}
+static size_t queue_kicks(struct plugin_state *state, const struct table *old_table,
+		const struct table *new_table);
 
 static bool file_changed(struct watched_file *file, struct stat *now, bool *exists)
 {
@@ -332,7 +330,7 @@ static void refresh_file(struct plugin_state *state, struct watched_file *file, 
 	if(!file_changed(file, &now, &exists)) return;
 	struct table fresh = {0};
 	if(!load_file(state, file->path, services, &fresh)) return;
-	size_t kicked = file->seen ? kick_changed(&file->accounts, &fresh) : 0;
+	size_t kicked = file->seen ? queue_kicks(state, &file->accounts, &fresh) : 0;
 	table_free(&file->accounts);
 	file->accounts = fresh;
 	if(exists){
@@ -341,7 +339,7 @@ static void refresh_file(struct plugin_state *state, struct watched_file *file, 
 		memset(&file->last, 0, sizeof(file->last));
 	}
 	file->seen = true;
-	mosquitto_log_printf(MOSQ_LOG_INFO, "cityops_auth: loaded %zu accounts from %s (%zu kicked)",
+	mosquitto_log_printf(MOSQ_LOG_INFO, "cityops_auth: loaded %zu accounts from %s (%zu revoked)",
 			fresh.count, file->path, kicked);
 }
 
@@ -446,6 +444,81 @@ static void sessions_remove(struct plugin_state *state, const char *name,
 	}
 }
 
+static bool push_kick(struct plugin_state *state, const char *username, const char *client_id,
+		const struct mosquitto *client)
+{
+	if(state->kick_count == state->kick_capacity){
+		size_t capacity = state->kick_capacity ? state->kick_capacity * 2 : 16;
+		struct pending_kick *kicks = realloc(state->kicks, capacity * sizeof(*kicks));
+		if(kicks == NULL) return false;
+		state->kicks = kicks;
+		state->kick_capacity = capacity;
+	}
+	struct pending_kick *kick = &state->kicks[state->kick_count];
+	kick->username = strdup(username);
+	kick->client_id = client_id ? strdup(client_id) : NULL;
+	kick->client = client;
+	if(kick->username == NULL || (client_id && kick->client_id == NULL)){
+		free(kick->username);
+		free(kick->client_id);
+		return false;
+	}
+	state->kick_count++;
+	return true;
+}
+
+/* Queue the connections of every account that is gone or has a new password; returns how many
+ * accounts that were. */
+static size_t queue_kicks(struct plugin_state *state, const struct table *old_table,
+		const struct table *new_table)
+{
+	size_t revoked = 0;
+	for(size_t i = 0; i < old_table->nbuckets; i++){
+		for(const struct account *old = old_table->buckets[i]; old; old = old->next){
+			const struct account *now = table_find(new_table, old->name);
+			if(now != NULL && same_secret(old, now)) continue;
+			revoked++;
+			if(old->role != ROLE_DEVICE){
+				push_kick(state, old->name, NULL, NULL);
+				continue;
+			}
+			const struct user_sessions *user = *sessions_slot(state, old->name);
+			for(size_t j = 0; user && j < user->count; j++){
+				push_kick(state, old->name, user->items[j].client_id, user->items[j].client);
+			}
+		}
+	}
+	return revoked;
+}
+
+static bool session_still_held(struct plugin_state *state, const struct pending_kick *kick)
+{
+	const struct user_sessions *user = *sessions_slot(state, kick->username);
+	for(size_t i = 0; user && i < user->count; i++){
+		if(user->items[i].client == kick->client
+				&& strcmp(user->items[i].client_id, kick->client_id) == 0){
+			return true;
+		}
+	}
+	return false;
+}
+
+static void flush_kicks(struct plugin_state *state)
+{
+	/* kicking calls on_disconnect, which edits the sessions, not this list */
+	for(size_t i = 0; i < state->kick_count; i++){
+		struct pending_kick *kick = &state->kicks[i];
+		if(kick->client_id == NULL){
+			mosquitto_kick_client_by_username(kick->username, false);
+		}else if(session_still_held(state, kick)){
+			mosquitto_kick_client_by_clientid(kick->client_id, false);
+		}
+		free(kick->username);
+		free(kick->client_id);
+	}
+	state->kick_count = 0;
+}
+
 /* ---- callbacks -------------------------------------------------------------------- */
 
 static bool password_matches(const struct account *account, const char *password)
@@ -531,6 +604,7 @@ static int on_tick(int event, void *event_data, void *userdata)
 	(void)event;
 	(void)event_data;
 	refresh(userdata, false);
+	flush_kicks(userdata);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -715,6 +789,11 @@ static void state_free(struct plugin_state *state)
 		}
 	}
 	free(state->sessions);
+	for(size_t i = 0; i < state->kick_count; i++){
+		free(state->kicks[i].username);
+		free(state->kicks[i].client_id);
+	}
+	free(state->kicks);
 	free(state->reserved_buffer);
 	free(state);
 }
