@@ -222,7 +222,7 @@ def _old_broker_running(paths: StackPaths) -> bool:
     """Whether the supervised broker runs another binary than ours (e.g. Debian's 2.0.11)."""
     try:
         pid = int(paths.child_pid_file("mosquitto").read_text(encoding="utf-8").split()[0])
-        return Path(f"/proc/{pid}/exe").resolve() != mosquitto.BINARY.resolve()
+        return Path(f"/proc/{pid}/exe").resolve() != Path(mosquitto.BINARY).resolve()
     except (OSError, ValueError, IndexError):
         return False
 

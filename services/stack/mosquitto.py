@@ -1,7 +1,7 @@
 """Mosquitto 2.0.21 (built by broker_build) with the cityops auth plugin.
 
 The plugin (deploy/mosquitto/plugin/) authenticates against `service.passwd` and
-`devices.passwd` and re-reads them when they change: no signal, no reload. `BrokerInstance`
+`devices.passwd` and re-reads them when they change: no signal, no reload. `BrokerLayout`
 renders and prepares one broker (home folder, port, accounts); the stack's broker is one, and
 tests that must restart or kill a broker start their own with another home and port.
 """
@@ -30,13 +30,13 @@ from cityops.stack.layout import StackError, StackPaths
 from cityops.stack.procs import ServerSpec, write_if_changed
 
 PORT = 1883
-BINARY = broker_build.BINARY
+BINARY = str(broker_build.BINARY)
 SERVICE_USER = "mosquitto"
 MAX_SESSIONS_PER_DEVICE = 3
 
 
 @dataclass(frozen=True)
-class BrokerInstance:
+class BrokerLayout:
     """One broker: where its files live and what it listens on."""
 
     home: Path
@@ -81,7 +81,7 @@ class BrokerInstance:
         return self.deploy / "mosquitto" / "mosquitto.conf"
 
 
-class MosquittoLayout(BrokerInstance):
+class MosquittoLayout(BrokerLayout):
     """The stack's own broker: `.stack/mosquitto`, port 1883 on loopback."""
 
     def __init__(self, paths: StackPaths) -> None:
@@ -97,19 +97,19 @@ def _ids() -> tuple[int, int]:
         ) from exc
 
 
-def render_conf(instance: BrokerInstance) -> str:
+def render_conf(layout: BrokerLayout) -> str:
     """The broker config from the checked-in template."""
-    template = string.Template(instance.conf_template.read_text(encoding="utf-8"))
+    template = string.Template(layout.conf_template.read_text(encoding="utf-8"))
     return template.substitute(
-        mosquitto_dir=str(instance.home),
-        port=str(instance.port),
-        bind_address=instance.bind,
-        plugin=str(instance.plugin),
+        mosquitto_dir=str(layout.home),
+        port=str(layout.port),
+        bind_address=layout.bind,
+        plugin=str(layout.plugin),
         ingest_user=INGEST_USER,
         gateway_user=GATEWAY_USER,
         dispatcher_user=DISPATCHER_USER,
         reserved_ids=",".join(RESERVED_MQTT_IDS),
-        max_sessions=str(instance.max_sessions),
+        max_sessions=str(layout.max_sessions),
     )
 
 
@@ -131,38 +131,38 @@ def _service_passwd_current(path: Path, accounts: Mapping[str, str]) -> bool:
     )
 
 
-def prepare_instance(instance: BrokerInstance, accounts: Mapping[str, str]) -> bool:
+def prepare_layout(layout: BrokerLayout, accounts: Mapping[str, str]) -> bool:
     """Build what is missing and write config and service accounts; True if the config changed.
 
     Run as root: the folder is setgid `mosquitto` so the broker, which drops privileges to that
     user, reads every file in it and writes data/.
     """
-    broker_build.ensure_broker(instance.deploy)
+    broker_build.ensure_broker(layout.deploy)
     uid, gid = _ids()
-    instance.home.mkdir(parents=True, exist_ok=True)
-    os.chown(instance.home, 0, gid)
-    instance.home.chmod(0o2750)
-    instance.data.mkdir(exist_ok=True)
-    os.chown(instance.data, uid, gid)
-    instance.data.chmod(0o750)
-    plugin_before = instance.plugin.stat().st_mtime_ns if instance.plugin.exists() else None
-    broker_build.build_plugin(instance.deploy, instance.plugin)
-    config_changed = write_if_changed(instance.conf, render_conf(instance), mode=0o640)
-    config_changed |= instance.plugin.stat().st_mtime_ns != plugin_before
-    with mqtt_auth.password_files_lock(instance.lock):
-        if not _service_passwd_current(instance.service_passwd, accounts):
+    layout.home.mkdir(parents=True, exist_ok=True)
+    os.chown(layout.home, 0, gid)
+    layout.home.chmod(0o2750)
+    layout.data.mkdir(exist_ok=True)
+    os.chown(layout.data, uid, gid)
+    layout.data.chmod(0o750)
+    plugin_before = layout.plugin.stat().st_mtime_ns if layout.plugin.exists() else None
+    broker_build.build_plugin(layout.deploy, layout.plugin)
+    config_changed = write_if_changed(layout.conf, render_conf(layout), mode=0o640)
+    config_changed |= layout.plugin.stat().st_mtime_ns != plugin_before
+    with mqtt_auth.password_files_lock(layout.lock):
+        if not _service_passwd_current(layout.service_passwd, accounts):
             lines = [(user, mqtt_auth.hash_password(pw)) for user, pw in accounts.items()]
             mqtt_auth.write_file_atomic(
-                instance.service_passwd, mqtt_auth.render_password_file(lines)
+                layout.service_passwd, mqtt_auth.render_password_file(lines)
             )
-        if not instance.devices_passwd.exists():
-            mqtt_auth.write_file_atomic(instance.devices_passwd, "")
+        if not layout.devices_passwd.exists():
+            mqtt_auth.write_file_atomic(layout.devices_passwd, "")
     for path in (
-        instance.conf,
-        instance.plugin,
-        instance.service_passwd,
-        instance.devices_passwd,
-        instance.lock,
+        layout.conf,
+        layout.plugin,
+        layout.service_passwd,
+        layout.devices_passwd,
+        layout.lock,
     ):
         os.chown(path, 0, gid)
     return config_changed
@@ -170,12 +170,12 @@ def prepare_instance(instance: BrokerInstance, accounts: Mapping[str, str]) -> b
 
 def prepare(paths: StackPaths, stack_secrets: StackSecrets) -> bool:
     """Prepare the stack's broker; returns whether its config (or plugin) changed."""
-    return prepare_instance(MosquittoLayout(paths), service_accounts(stack_secrets))
+    return prepare_layout(MosquittoLayout(paths), service_accounts(stack_secrets))
 
 
-def broker_argv(instance: BrokerInstance) -> list[str]:
+def broker_argv(layout: BrokerLayout) -> list[str]:
     """The broker's own command line (foreground; it drops privileges to `mosquitto`)."""
-    return [str(BINARY), "-c", str(instance.conf)]
+    return [str(BINARY), "-c", str(layout.conf)]
 
 
 def spec(paths: StackPaths) -> ServerSpec:

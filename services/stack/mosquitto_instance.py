@@ -1,9 +1,13 @@
 """A Mosquitto of its own (fault tests, benches): the stack's binary and config, another port.
 
 `BrokerInstance.create(home, port=..., accounts=...)` renders the same config the stack renders
-(`cityops.stack.mosquitto.render_conf`), with only the listener port and the directory changed,
-writes the credentials, and can then be started, stopped cleanly (SIGTERM), killed (-9) and
-started again on the same data directory. It never touches the shared broker on 1883.
+(`cityops.stack.mosquitto.render_conf` of a `BrokerLayout` in `home` on `port`), builds the
+auth plugin into `home`, writes the service accounts of `accounts` to service.passwd and the
+rest (devices) to devices.passwd, and can then be started, stopped cleanly (SIGTERM), killed
+(-9) and started again on the same data directory; `provision()` / `revoke()` change devices
+the way the API does (the plugin follows, no signal). It never touches the shared broker on
+1883. `conf_text` runs another broker's config instead (e.g. Debian's 2.0.11 with a password
+file and an ACL: all accounts are then also written to `passwd`, and `acl` is LEGACY_ACL).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import grp
 import os
 import pwd
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,21 +27,32 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cityops.api.provisioning import BrokerFiles, apply_to_files
 from cityops.common import mqtt_auth
 from cityops.stack import mosquitto
-from cityops.stack.layout import StackError, StackPaths, repo_root
+from cityops.stack.credentials import DISPATCHER_USER, GATEWAY_USER, INGEST_USER
+from cityops.stack.layout import StackError, repo_root
 
-_LISTENER = re.compile(rf"^listener\s+{mosquitto.PORT}\b", re.MULTILINE)
+SERVICE_USERS = frozenset({INGEST_USER, GATEWAY_USER, DISPATCHER_USER})
+# the ACL the stack gave Debian's 2.0.11 before the auth plugin (for `conf_text` baselines)
+LEGACY_ACL = """\
+pattern write city/+/%u/telemetry
+pattern write city/+/%u/status
+user ingest
+topic read city/#
+user gateway
+topic write city/#
+"""
+
+
+def layout_for(home: Path, *, port: int) -> mosquitto.BrokerLayout:
+    """The stack's broker layout moved to `home`, listening on `port`."""
+    return mosquitto.BrokerLayout(home=home, deploy=repo_root() / "deploy", port=port)
 
 
 def render_instance_conf(home: Path, *, port: int) -> str:
     """The stack's rendered mosquitto.conf for a broker living in `home`, listening on `port`."""
-    layout = mosquitto.MosquittoLayout(StackPaths(repo=repo_root()))
-    layout.home = home
-    rendered = mosquitto.render_conf(layout)
-    if not _LISTENER.search(rendered):
-        raise StackError(f"no `listener {mosquitto.PORT}` line in {layout.conf_template}")
-    return _LISTENER.sub(f"listener {port}", rendered, count=1)
+    return mosquitto.render_conf(layout_for(home, port=port))
 
 
 def _service_ids() -> tuple[int, int]:
@@ -52,6 +68,7 @@ class BrokerInstance:
     binary: str = mosquitto.BINARY
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    accounts: dict[str, str] = field(default_factory=dict)  # the service accounts it knows
     _log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +82,38 @@ class BrokerInstance:
     def data(self) -> Path:
         return self.home / "data"
 
+    @property
+    def host(self) -> str:
+        """Where it listens (loopback)."""
+        return "127.0.0.1"
+
+    @property
+    def files(self) -> BrokerFiles:
+        """Its devices file and lock: what the API's settings point at."""
+        layout = layout_for(self.home, port=self.port)
+        return BrokerFiles(device_file=layout.devices_passwd, lock_file=layout.lock)
+
+    @property
+    def pid(self) -> int:
+        """The running broker's pid."""
+        if self.process is None:
+            raise StackError(f"broker on :{self.port} was never started")
+        return self.process.pid
+
+    def alive(self) -> bool:
+        """Whether the broker process runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def provision(self, device_id: str) -> str:
+        """Give `device_id` a fresh password (returned); the plugin picks it up, no signal."""
+        password = secrets.token_urlsafe(16)
+        apply_to_files(self.files, {device_id: mqtt_auth.hash_password(password)})
+        return password
+
+    def revoke(self, *device_ids: str) -> None:
+        """Remove devices; the plugin drops their connections."""
+        apply_to_files(self.files, dict.fromkeys(device_ids))
+
     @classmethod
     def create(
         cls,
@@ -75,26 +124,31 @@ class BrokerInstance:
         binary: str = mosquitto.BINARY,
         conf_text: str | None = None,
     ) -> BrokerInstance:
-        """Write config, ACL and one password file for `accounts` (username -> password).
+        """Write config, plugin and password files for `accounts` (username -> password).
 
         Files are owned like the stack's (group `mosquitto`): the broker drops privileges to
         that user after binding. `conf_text` replaces the stack's config (another broker's).
         """
-        uid, gid = _service_ids()
-        home.mkdir(parents=True, exist_ok=True)
-        os.chown(home, 0, gid)
-        home.chmod(0o2750)
-        instance = cls(home=home, port=port, binary=binary)
-        instance.data.mkdir(exist_ok=True)
-        os.chown(instance.data, uid, gid)
-        instance.data.chmod(0o750)
-        layout = mosquitto.MosquittoLayout(StackPaths(repo=repo_root()))
-        lines = [(user, mqtt_auth.hash_password(pw)) for user, pw in accounts.items()]
-        files = {
-            instance.conf: conf_text or render_instance_conf(home, port=port),
-            home / "acl": layout.acl_template.read_text(encoding="utf-8"),
-            home / "passwd": mqtt_auth.render_password_file(lines),
-        }
+        _, gid = _service_ids()
+        layout = layout_for(home, port=port)
+        services = {u: p for u, p in accounts.items() if u in SERVICE_USERS}
+        devices = [
+            (user, mqtt_auth.hash_password(pw))
+            for user, pw in accounts.items()
+            if user not in services
+        ]
+        mosquitto.prepare_layout(layout, services)
+        instance = cls(home=home, port=port, binary=binary, accounts=services)
+        files = {layout.devices_passwd: mqtt_auth.render_password_file(devices)}
+        if conf_text is not None:
+            everything = [(u, mqtt_auth.hash_password(p)) for u, p in services.items()] + devices
+            files.update(
+                {
+                    instance.conf: conf_text,
+                    home / "acl": LEGACY_ACL,
+                    home / "passwd": mqtt_auth.render_password_file(everything),
+                }
+            )
         for path, text in files.items():
             mqtt_auth.write_file_atomic(path, text)
             os.chown(path, 0, gid)

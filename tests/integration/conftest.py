@@ -15,7 +15,7 @@ Per test (factories clean up what they made):
 - `provision_mqtt_device` -> `await provision("wb-0042")` returns a fresh password; the device
   can CONNECT when it returns (devices file rewritten: the broker's auth plugin follows it, no
   signal); removed after.
-- `own_broker` -> OwnBroker: a started broker of the test's own (port 18830-18899, temp folder;
+- `own_broker` -> BrokerInstance: a started broker of the test's own (port 18830-18899, temp folder;
   tests/integration/broker_support.py) for tests that restart, kill or crash it.
 """
 
@@ -47,8 +47,8 @@ from tests.helpers import wait_for
 from tests.integration.kafka_support import StackKafka
 
 if TYPE_CHECKING:
+    from cityops.stack.mosquitto_instance import BrokerInstance
     from tests.integration.api_support import ApiCase
-    from tests.integration.broker_support import OwnBroker
     from tests.integration.ingest_support import IngestCase
 
 MakeTopics = Callable[..., Awaitable[dict[str, str]]]
@@ -266,7 +266,7 @@ async def provision_mqtt_device(mqtt_settings: MqttSettings) -> AsyncIterator[Pr
 
 
 @pytest.fixture
-def own_broker() -> Iterator[OwnBroker]:
+def own_broker() -> Iterator[BrokerInstance]:
     """A started broker of this test's own, removed afterwards (see broker_support.py)."""
     from tests.integration.broker_support import own_broker_running
 

@@ -96,7 +96,7 @@ def test_mosquitto_conf_rendered(paths: StackPaths) -> None:
 
 
 def test_mosquitto_conf_renders_for_a_test_broker_of_its_own(tmp_path: Path) -> None:
-    instance = mosquitto.BrokerInstance(
+    instance = mosquitto.BrokerLayout(
         home=tmp_path / "b", deploy=repo_root() / "deploy", port=18899, max_sessions=5
     )
     text = mosquitto.render_conf(instance)
