@@ -13,6 +13,7 @@ import asyncio
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from cityops.stack.bench import connect_packet
+from cityops.stack.layout import StackPaths, repo_root
 from cityops.stack.mosquitto_instance import BrokerInstance
 from tests.helpers import MqttTestClient, wait_for
 from tests.integration.api_support import ApiCase, run_api
@@ -63,6 +65,22 @@ async def connect_fleet(
     return writers, failures
 
 
+RELOAD = "Reloading config."  # what Mosquitto logs at a SIGHUP (log_type information)
+
+
+class BrokerLog:
+    """What a broker logged from now on (a SIGHUP reload would show as RELOAD)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = path.stat().st_size if path.exists() else 0
+
+    def since(self) -> str:
+        with self.path.open("rb") as log:
+            log.seek(self.start)
+            return log.read().decode(errors="replace")
+
+
 def _csv(device_ids: list[str]) -> str:
     return "device_id,kind\n" + "".join(f"{d},wastebin\n" for d in device_ids)
 
@@ -79,6 +97,7 @@ async def test_ten_thousand_imported_devices_connect_with_no_broker_signal(
         mqtt_password_lock_file=own_broker.files.lock_file,
     )
     broker_pid = own_broker.pid
+    log = BrokerLog(own_broker.home / "broker.log")
     async with run_api(settings) as api, api.client() as http:
         response = await http.post(
             "/v1/devices:import",
@@ -99,7 +118,8 @@ async def test_ten_thousand_imported_devices_connect_with_no_broker_signal(
         assert len(writers) == FLEET
         print(f"{FLEET} devices connected {took:.1f}s after the import's response")
         assert took < CONNECT_BOUND_S, f"{took:.1f}s (target {CONNECT_TARGET_S}s)"
-        assert own_broker.pid == broker_pid and own_broker.alive()  # no restart, no signal
+        assert own_broker.pid == broker_pid and own_broker.alive()  # no restart
+        assert RELOAD not in log.since()  # and no signal
     finally:
         for writer in writers:
             writer.close()
@@ -110,6 +130,7 @@ async def test_a_deleted_device_is_refused_and_dropped_within_a_second(
 ) -> None:
     settings = api_case.settings(mqtt=mqtt_settings, api_projector_enabled=False)
     device_id = f"wb-{uuid.uuid4().hex[:10]}"
+    log = BrokerLog(StackPaths(repo=repo_root()).log_file("mosquitto"))
     async with run_api(settings) as api, api.client() as http:
         created = await http.post("/v1/devices", json={"device_id": device_id, "kind": "wastebin"})
         assert created.status_code == 201, created.text
@@ -130,6 +151,7 @@ async def test_a_deleted_device_is_refused_and_dropped_within_a_second(
             )
             assert (await asyncio.to_thread(again.connect)).is_failure
             again.close()
+            assert RELOAD not in log.since()  # the broker was not signalled
         finally:
             device.close()
 
