@@ -158,19 +158,13 @@ class Projector:
             # Rows for a missing day land in readings_default: nothing is lost meanwhile.
             log.error("creating readings partitions failed: %s", exc)  # noqa: TRY400
         self._progress_at = time.monotonic()
-        consumer = kafka_consumer(
-            self._access,
-            *self._topics,
-            group_id=self._group_id,
-            client_id=self._client_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
         maintenance = asyncio.create_task(self._maintenance_loop(stop), name="partitions")
         committer: asyncio.Task[None] | None = None
+        consumer: AIOKafkaConsumer | None = None
         try:
-            await self._start_consumer(consumer, stop)
+            consumer = await self._start_consumer(stop)
+            if consumer is None:
+                return  # stopped before Kafka answered
             committer = asyncio.create_task(self._commit_loop(consumer, stop), name="commits")
             while not stop.is_set():
                 try:
@@ -189,7 +183,7 @@ class Projector:
         except _StoppedError:
             log.info("stopped during a write; the batch in flight will be replayed")
         finally:
-            if committer is not None:
+            if committer is not None and consumer is not None:
                 committer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await committer
@@ -198,25 +192,44 @@ class Projector:
             maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await maintenance
-            await consumer.stop()
+            if consumer is not None:
+                await consumer.stop()
             log.info(
                 "projector stopped",
                 extra={"batches": self.batches, "records": self.records, "commits": self.commits},
             )
 
-    async def _start_consumer(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
-        for attempt in range(1_000_000):
+    async def _start_consumer(self, stop: asyncio.Event) -> AIOKafkaConsumer | None:
+        """A started group consumer, retried until Kafka answers; None if `stop` came first.
+
+        A consumer whose start() failed cannot be started again (aiokafka asserts), so every
+        attempt builds a new one.
+        """
+        attempt = 0
+        while not stop.is_set():
+            consumer = kafka_consumer(
+                self._access,
+                *self._topics,
+                group_id=self._group_id,
+                client_id=self._client_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_partition_fetch_bytes=4 * 1024 * 1024,
+            )
             try:
                 await consumer.start()
             except KafkaError as exc:
+                with contextlib.suppress(KafkaError):
+                    await consumer.stop()
+                self.kafka_ok = False
                 delay = _RETRY_DELAYS_S[min(attempt, len(_RETRY_DELAYS_S) - 1)]
+                attempt += 1
                 log.warning("kafka not reachable, retrying in %ss: %s", delay, exc)
                 await _wait(stop, delay)
-                if stop.is_set():
-                    return
             else:
                 self.kafka_ok = True
-                return
+                return consumer
+        return None
 
     async def _project(
         self,
