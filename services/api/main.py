@@ -205,6 +205,8 @@ def build_context(
             metrics=metrics,
             queue_max=settings.api_stream_queue_max,
             fetch_max_wait_ms=settings.api_stream_fetch_max_wait_ms,
+            resume_max=settings.api_stream_resume_max,
+            resume_max_events=settings.api_stream_resume_max_events,
         ),
         readiness=readiness if readiness is not None else Readiness(pool=pool, producer=producer),
         summaries=TtlCache(ttl_s=settings.api_summary_cache_s),

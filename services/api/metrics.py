@@ -29,6 +29,9 @@ class ApiMetrics:
     stream_clients: Gauge
     stream_events: Counter
     stream_dropped: Counter
+    stream_resumes: Gauge
+    stream_resumes_refused: Counter
+    stream_skipped: Counter
     outbox_published: Counter
     outbox_failed: Counter
     outbox_backlog: Gauge
@@ -137,6 +140,24 @@ def create_metrics(registry: CollectorRegistry) -> ApiMetrics:
         stream_dropped=Counter(
             "cityops_api_stream_dropped_clients_total",
             "Stream clients disconnected because they could not keep up.",
+            registry=registry,
+        ),
+        stream_resumes=Gauge(
+            "cityops_api_stream_resumes",
+            "Stream resumes (Last-Event-ID) replaying their window, each with its own consumer.",
+            registry=registry,
+        ),
+        stream_resumes_refused=Counter(
+            "cityops_api_stream_resumes_refused_total",
+            "Stream resumes refused: busy (the cap, 503), window (too far back, 410),"
+            " unavailable (Kafka, 503).",
+            ["reason"],
+            registry=registry,
+        ),
+        stream_skipped=Counter(
+            "cityops_api_stream_records_skipped_total",
+            "Kafka records the stream could not decode (skipped; the stream goes on).",
+            ["topic"],
             registry=registry,
         ),
         outbox_published=Counter(

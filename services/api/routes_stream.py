@@ -4,48 +4,70 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from cityops.api.context import Context, Reader
 from cityops.api.models import District
-from cityops.api.problems import Problem
-from cityops.api.stream import Broadcaster, StreamFilter
+from cityops.api.problems import PROBLEM_JSON, Problem
+from cityops.api.stream import ResumeRefusedError, StreamFilter, Subscription
 from cityops.common.kinds import Kind
 
 router = APIRouter(prefix="/v1", tags=["stream"])
 _MAX_EVENT_ID = 2**53
+_PROBLEM = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
 
 
-async def event_stream(
-    broadcaster: Broadcaster,
-    stream_filter: StreamFilter,
-    *,
-    since_ms: int | None,
-    heartbeat_s: float,
-) -> AsyncIterator[bytes]:
+class EventStreamResponse(StreamingResponse):
+    """A streaming response that runs `on_close` when it ends, however it ends.
+
+    The subscription is opened by the route (so a refused resume is still a proper 4xx/5xx)
+    and released here, outside the body generator: a generator that never starts (the client
+    left before the first byte) or is cancelled mid-await has no reliable place to clean up.
+    """
+
+    def __init__(self, content: Any, *, on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Stream the body, then release what it held."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def event_stream(subscription: Subscription, *, heartbeat_s: float) -> AsyncIterator[bytes]:
     """The text/event-stream body: events, and a comment line every `heartbeat_s`."""
-    async with broadcaster.subscribe(stream_filter, since_ms=since_ms) as subscription:
-        yield b"retry: 3000\n: connected\n\n"
-        while True:
-            try:
-                event = await asyncio.wait_for(subscription.queue.get(), heartbeat_s)
-            except TimeoutError:
-                yield b": keepalive\n\n"
-                continue
-            if event is None:
-                return
-            yield event.render()
+    yield b"retry: 3000\n: connected\n\n"
+    while True:
+        try:
+            event = await asyncio.wait_for(subscription.queue.get(), heartbeat_s)
+        except TimeoutError:
+            yield b": keepalive\n\n"
+            continue
+        if event is None:
+            return
+        yield event.render()
 
 
 @router.get(
     "/stream",
     summary="Live events (Server-Sent Events)",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        410: {"description": "Last-Event-ID is further back than a resume replays"},
+        503: {
+            "description": "Too many resumes at once, or Kafka unavailable (see Retry-After)",
+            "content": _PROBLEM,
+        },
+    },
 )
 async def stream(
     context: Context,
@@ -61,7 +83,9 @@ async def stream(
 
     Filter with repeated `kind`, `district` and `type` parameters. Each event's id is its
     Kafka timestamp (ms); reconnecting with `Last-Event-ID` resumes after it while Kafka
-    still holds the records.
+    still holds the records: at most CITYOPS_API_STREAM_RESUME_MAX_EVENTS records back
+    (else 410: reconnect without it) and CITYOPS_API_STREAM_RESUME_MAX resumes at once (else
+    503 with Retry-After).
     """
     since_ms = None
     if last_event_id is not None:
@@ -79,14 +103,22 @@ async def stream(
         districts=frozenset(district),
         types=frozenset(type),
     )
-    body = event_stream(
-        context.broadcaster,
-        stream_filter,
-        since_ms=since_ms,
-        heartbeat_s=context.settings.api_stream_heartbeat_s,
-    )
-    return StreamingResponse(
-        body,
+    broadcaster = context.broadcaster
+    try:
+        subscription = await broadcaster.open(stream_filter, since_ms=since_ms)
+    except ResumeRefusedError as exc:
+        if exc.reason == "window":
+            raise Problem(410, exc.detail, problem="resume-window-exceeded") from exc
+        retry_after = str(context.settings.api_stream_resume_retry_after_s)
+        raise Problem(
+            503,
+            exc.detail,
+            problem="stream-busy" if exc.reason == "busy" else "stream-unavailable",
+            headers={"Retry-After": retry_after},
+        ) from exc
+    return EventStreamResponse(
+        event_stream(subscription, heartbeat_s=context.settings.api_stream_heartbeat_s),
+        on_close=lambda: broadcaster.leave(subscription),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -102,6 +102,21 @@ class ApiSettings(KafkaSettings, DatabaseSettings, CityMetricsSettings):
     api_import_max_rows: int = Field(default=100_000, ge=1, le=1_000_000)
     api_stream_queue_max: int = Field(default=1000, ge=10, le=100_000)
     api_stream_heartbeat_s: float = Field(default=15.0, gt=0, le=300)
+    api_stream_resume_max: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="Concurrent Last-Event-ID replays per replica (each has a Kafka consumer"
+        " until it has caught up); beyond, 503 with Retry-After.",
+    )
+    api_stream_resume_retry_after_s: int = Field(default=5, ge=1, le=3600)
+    api_stream_resume_max_events: int = Field(
+        default=200_000,
+        ge=1,
+        le=10_000_000,
+        description="Most records a resume replays (all topics, before filters); a Last-Event-ID"
+        " further back gets 410.",
+    )
     api_stream_fetch_max_wait_ms: int = Field(
         default=25,
         ge=0,

@@ -2,19 +2,29 @@
 
 Every API replica must see every event, so the stream reads Kafka without a consumer group
 (from the latest offsets), and only while at least one client is connected: with no client
-it costs nothing. A client that sends `Last-Event-ID` (the Kafka timestamp in ms of the last
-event it saw) gets a private consumer that seeks every partition to that time, so it resumes
-without a gap as long as Kafka still holds the records (events of that same millisecond are
-sent again: at-least-once). A client that cannot keep up is
-disconnected (it may reconnect with Last-Event-ID) rather than slowing everyone else.
+it costs nothing. Every live client shares that one consumer.
+
+A client that sends `Last-Event-ID` (the Kafka timestamp in ms of the last event it saw)
+joins the shared feed at once, with its live events held back, and gets a replay: a private
+consumer reads each partition from that time up to the offset where the client's live feed
+began (a window fixed when it joined, at most CITYOPS_API_STREAM_RESUME_MAX_EVENTS records,
+else 410), then stops; the held events follow and the client is live. No gap and no
+duplicate at the seam; events of the Last-Event-ID millisecond itself are sent again
+(at-least-once). At most CITYOPS_API_STREAM_RESUME_MAX replays run at once (503 with
+Retry-After beyond). Every consumer is owned by a task whose `finally` stops it, so a client
+that leaves, even mid-replay, releases it (issue 12 row 4: one consumer leaked per resume).
+
+A client that cannot keep up is disconnected (it may reconnect with Last-Event-ID) rather
+than slowing everyone else. A record that does not decode is skipped and counted; it never
+ends the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections import deque
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,11 +103,19 @@ class Interest:
 
 @dataclass(slots=True, eq=False)  # identity semantics: kept in sets
 class Subscription:
-    """One connected client: its filter and a bounded queue (None = end of stream)."""
+    """One connected client: its filter and a bounded queue (None = end of stream).
+
+    While a resume replays, live events wait in `held` (bounded like the queue); `live_from`
+    is where in each partition the client's live feed began (the replay ends there).
+    """
 
     filter: StreamFilter
     queue: asyncio.Queue[StreamEvent | None]
     overflowed: bool = False
+    held: deque[StreamEvent] | None = None
+    live_from: asyncio.Future[dict[TopicPartition, int]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 @dataclass(slots=True)
@@ -110,6 +128,7 @@ class EventDecoder:
     devices_topic: str
     districts: dict[str, str] = field(default_factory=dict)
     newest_seq: dict[str, int] = field(default_factory=dict)
+    on_skip: Callable[[str], None] = lambda _: None  # told the topic kind of a skipped record
 
     def wanted(self, record: ConsumerRecord[bytes, bytes], interest: Interest) -> bool:
         """Whether a state/connectivity record can interest anyone, judged by topic and key only.
@@ -131,15 +150,26 @@ class EventDecoder:
         return district in interest.districts
 
     def decode(self, record: ConsumerRecord[bytes, bytes]) -> StreamEvent | None:
-        """The stream event of a record, or None (not a change, or a registry update)."""
+        """The stream event of a record, or None (not a change, a registry update, or a record
+        that does not decode: skipped and reported to `on_skip`, never raised)."""
         if record.value is None:
             return None
         try:
             body = orjson.loads(record.value)
             return self._decode(record.topic, record.timestamp, body)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            log.debug("stream skipped an undecodable record: %s", exc)
+        except Exception as exc:  # a poison record must not end the stream
+            log.debug("stream skipped an undecodable record: %r", exc)
+            self.on_skip(self._topic_kind(record.topic))
             return None
+
+    def _topic_kind(self, topic: str) -> str:
+        kinds = {
+            self.telemetry_topic: "telemetry",
+            self.status_topic: "status",
+            self.tickets_topic: "tickets",
+            self.devices_topic: "devices",
+        }
+        return kinds.get(topic, "other")
 
     def _decode(self, topic: str, timestamp: int, body: Any) -> StreamEvent | None:
         if topic == self.devices_topic:
@@ -147,7 +177,7 @@ class EventDecoder:
             return None
         if topic == self.tickets_topic:
             return StreamEvent(
-                timestamp, "ticket", str(body["kind"]), str(body["district"]), orjson.dumps(body)
+                timestamp, "ticket", str(body["kind"]), str(body["district"]), _json(body)
             )
         device_id = str(body["device_id"])
         district = self.districts.get(device_id, "unassigned")
@@ -171,7 +201,7 @@ class EventDecoder:
                 "ts": body["ts"],
                 "values": values,
             }
-            return StreamEvent(timestamp, "state", str(body["kind"]), district, orjson.dumps(data))
+            return StreamEvent(timestamp, "state", str(body["kind"]), district, _json(data))
         data = {
             "device_id": device_id,
             "kind": body["kind"],
@@ -179,9 +209,17 @@ class EventDecoder:
             "online": bool(body["online"]),
             "at": body.get("received_at"),
         }
-        return StreamEvent(
-            timestamp, "connectivity", str(body["kind"]), district, orjson.dumps(data)
-        )
+        return StreamEvent(timestamp, "connectivity", str(body["kind"]), district, _json(data))
+
+
+def _json(document: Any) -> bytes:
+    """`document` as JSON in a bytes object of its own size.
+
+    orjson's result keeps the ~4 KiB buffer it was written into (measured with tracemalloc:
+    10,000 small documents held 41 MB, their copies 0.7 MB); events wait in up to
+    CITYOPS_API_STREAM_QUEUE_MAX-long queues per client, so they are copied once.
+    """
+    return bytes(memoryview(orjson.dumps(document)))
 
 
 def _end(subscription: Subscription) -> None:
@@ -189,6 +227,30 @@ def _end(subscription: Subscription) -> None:
     if subscription.queue.full():
         subscription.queue.get_nowait()
     subscription.queue.put_nowait(None)
+
+
+def _settle(window: asyncio.Future[None], outcome: Exception | None) -> None:
+    """Resolve a resume's window check once (later outcomes are ignored)."""
+    if window.done():
+        return
+    if outcome is None:
+        window.set_result(None)
+    else:
+        window.set_exception(outcome)
+
+
+class ResumeRefusedError(Exception):
+    """A resume that cannot start: `reason` busy | window | unavailable."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# A replay reads only its window: small fetches keep a burst of resumes from buffering
+# megabytes per consumer (aiokafka's defaults: 1 MiB per partition, 50 MiB per fetch).
+_REPLAY_FETCH = {"max_partition_fetch_bytes": 256 * 1024, "fetch_max_bytes": 4 * 1024 * 1024}
 
 
 class Broadcaster:
@@ -203,6 +265,9 @@ class Broadcaster:
         metrics: ApiMetrics,
         queue_max: int,
         fetch_max_wait_ms: int = 25,
+        resume_max: int = 16,
+        resume_max_events: int = 200_000,
+        start_timeout_s: float = 15.0,
     ) -> None:
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._access = access
@@ -210,24 +275,142 @@ class Broadcaster:
         self._pool = pool
         self._metrics = metrics
         self._queue_max = queue_max
+        self._resume_max = resume_max
+        self._resume_max_events = resume_max_events
+        self._start_timeout_s = start_timeout_s
         self._subscribers: set[Subscription] = set()
-        self._everyone: set[Subscription] = set()
+        self._replays: dict[Subscription, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # every task until it has ended
         self._task: asyncio.Task[None] | None = None
+        self._positions: dict[TopicPartition, int] = {}  # where the shared feed has delivered
         self._districts: dict[str, str] = {}
         self._closed = False
         self.live = asyncio.Event()  # set once the shared consumer has its partitions
 
+    @property
+    def resumes(self) -> int:
+        """Replays in progress (each holds a consumer)."""
+        return len(self._replays)
+
     def _decoder(self) -> EventDecoder:
+        skipped = self._metrics.stream_skipped
         return EventDecoder(
             telemetry_topic=self._topics["telemetry"],
             status_topic=self._topics["status"],
             tickets_topic=self._topics["tickets"],
             devices_topic=self._topics["devices"],
             districts=self._districts,
+            on_skip=lambda topic_kind: skipped.labels(topic_kind).inc(),
         )
 
-    def _consumer(self) -> AIOKafkaConsumer:
-        return kafka_consumer(
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def open(self, stream_filter: StreamFilter, *, since_ms: int | None) -> Subscription:
+        """Register a client (live at once, or after a replay from `since_ms`).
+
+        The caller must `close()` it. ResumeRefusedError when a resume cannot start.
+        """
+        subscription = Subscription(stream_filter, asyncio.Queue(self._queue_max))
+        if self._closed:
+            subscription.queue.put_nowait(None)
+            return subscription
+        if since_ms is not None and len(self._replays) >= self._resume_max:
+            self._metrics.stream_resumes_refused.labels("busy").inc()
+            raise ResumeRefusedError(
+                "busy", f"{self._resume_max} resumes are replaying; retry shortly"
+            )
+        if since_ms is not None:
+            subscription.held = deque()
+        self._join(subscription)
+        if since_ms is None:
+            return subscription
+        window: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._replays[subscription] = self._spawn(
+            self._replay(subscription, since_ms, window), "stream-resume"
+        )
+        self._metrics.stream_resumes.set(len(self._replays))
+        try:
+            await asyncio.wait_for(asyncio.shield(window), self._start_timeout_s)
+        except TimeoutError:
+            self.leave(subscription)
+            self._metrics.stream_resumes_refused.labels("unavailable").inc()
+            raise ResumeRefusedError("unavailable", "the stream cannot read Kafka now") from None
+        except BaseException:
+            self.leave(subscription)
+            raise
+        finally:
+            if not window.done():
+                window.cancel()
+        return subscription
+
+    def _join(self, subscription: Subscription) -> None:
+        self._subscribers.add(subscription)
+        self._metrics.stream_clients.set(len(self._subscribers))
+        if self.live.is_set():
+            subscription.live_from.set_result(dict(self._positions))
+        if self._task is None or self._task.done():
+            self.live.clear()
+            self._task = self._spawn(self._run_shared(), "stream-consumer")
+            self._task.add_done_callback(self._shared_ended)
+
+    def leave(self, subscription: Subscription) -> None:
+        """Unregister a client (idempotent).
+
+        Its replay (if any) and, with nobody left, the shared consumer are cancelled and stop
+        their consumers in their own `finally`: nothing is awaited here, so a client that
+        leaves cannot interrupt the release.
+        """
+        self._subscribers.discard(subscription)
+        self._metrics.stream_clients.set(len(self._subscribers))
+        replay = self._replays.pop(subscription, None)
+        if replay is not None:
+            replay.cancel()
+            self._metrics.stream_resumes.set(len(self._replays))
+        if not subscription.live_from.done():
+            subscription.live_from.cancel()
+        if not self._subscribers and self._task is not None:
+            self._task.cancel()
+            self._task = None
+            self.live.clear()
+
+    def _shared_ended(self, task: asyncio.Task[None]) -> None:
+        """The shared consumer ended without being cancelled: its clients' streams end too
+        (they reconnect with Last-Event-ID), and the next client starts a new one."""
+        if task.cancelled():
+            return
+        log.error("stream consumer ended: %r", task.exception())
+        if self._task is task:
+            self._task = None
+        for subscription in list(self._subscribers):
+            _end(subscription)
+
+    def _deliver(self, targets: Collection[Subscription], event: StreamEvent) -> None:
+        for subscription in targets:
+            if subscription.overflowed or not subscription.filter.matches(event):
+                continue
+            held = subscription.held
+            if held is None and not subscription.queue.full():
+                subscription.queue.put_nowait(event)
+                self._metrics.stream_events.labels(event.event_type).inc()
+            elif held is not None and len(held) < self._queue_max:
+                held.append(event)  # counted when the replay releases it
+            else:
+                # A slow client: end its stream; it may reconnect with Last-Event-ID.
+                subscription.overflowed = True
+                self._metrics.stream_dropped.inc()
+                _end(subscription)
+
+    async def _load_districts(self) -> None:
+        rows = await self._pool.fetch("SELECT device_id, district FROM devices")
+        self._districts.update((row["device_id"], row["district"]) for row in rows)
+
+    async def _run_shared(self) -> None:
+        await self._load_districts()
+        consumer = kafka_consumer(
             self._access,
             *self._topics.values(),
             group_id=None,
@@ -239,69 +422,26 @@ class Broadcaster:
             fetch_min_bytes=256 * 1024,
             fetch_max_wait_ms=self._fetch_max_wait_ms,
         )
-
-    async def _load_districts(self) -> None:
-        rows = await self._pool.fetch("SELECT device_id, district FROM devices")
-        self._districts.update((row["device_id"], row["district"]) for row in rows)
-
-    @contextlib.asynccontextmanager
-    async def subscribe(
-        self, stream_filter: StreamFilter, *, since_ms: int | None = None
-    ) -> AsyncIterator[Subscription]:
-        """Register a client for the life of the context."""
-        subscription = Subscription(stream_filter, asyncio.Queue(self._queue_max))
-        if self._closed:
-            subscription.queue.put_nowait(None)
-            yield subscription
-            return
-        private: asyncio.Task[None] | None = None
-        self._everyone.add(subscription)
-        if since_ms is None:
-            self._subscribers.add(subscription)
-            self._metrics.stream_clients.set(len(self._subscribers))
-            if self._task is None or self._task.done():
-                self.live.clear()
-                self._task = asyncio.create_task(self._run_shared(), name="stream-consumer")
-        else:
-            private = asyncio.create_task(
-                self._run_private(subscription, since_ms), name="stream-resume"
-            )
         try:
-            yield subscription
+            await consumer.start()
+            assignment = consumer.assignment()
+            while not assignment:
+                await consumer.getmany(timeout_ms=100)
+                assignment = consumer.assignment()
+            # Pin the start at "latest now", so an event right after subscribing is not missed
+            # and a resume knows where its live feed begins.
+            self._positions = {tp: await consumer.position(tp) for tp in assignment}
+            for subscription in self._subscribers:
+                if not subscription.live_from.done():
+                    subscription.live_from.set_result(dict(self._positions))
+            self.live.set()
+            await self._consume_shared(consumer, self._decoder())
         finally:
-            if private is not None:
-                private.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await private
-            self._subscribers.discard(subscription)
-            self._everyone.discard(subscription)
-            self._metrics.stream_clients.set(len(self._subscribers))
-            if not self._subscribers and self._task is not None:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-                self._task = None
+            if self._task in (None, asyncio.current_task()):  # not a newer consumer's flag
+                self.live.clear()
+            await consumer.stop()
 
-    def _deliver(self, targets: Collection[Subscription], event: StreamEvent) -> None:
-        for subscription in targets:
-            if subscription.overflowed or not subscription.filter.matches(event):
-                continue
-            try:
-                subscription.queue.put_nowait(event)
-            except asyncio.QueueFull:
-                # A slow client: end its stream; it may reconnect with Last-Event-ID.
-                subscription.overflowed = True
-                self._metrics.stream_dropped.inc()
-                _end(subscription)
-                continue
-            self._metrics.stream_events.labels(event.event_type).inc()
-
-    async def _consume(
-        self,
-        consumer: AIOKafkaConsumer,
-        decoder: EventDecoder,
-        targets: Callable[[], Collection[Subscription]],
-    ) -> None:
+    async def _consume_shared(self, consumer: AIOKafkaConsumer, decoder: EventDecoder) -> None:
         while True:
             try:
                 fetched = await consumer.getmany(timeout_ms=1000, max_records=2000)
@@ -311,63 +451,125 @@ class Broadcaster:
                 continue
             if not fetched:
                 continue
-            clients = targets()
+            clients = list(self._subscribers)
             interest = Interest.of([c.filter for c in clients])
-            for records in fetched.values():
+            for tp, records in fetched.items():
                 for record in records:
                     if not decoder.wanted(record, interest):
                         continue
                     event = decoder.decode(record)
                     if event is not None:
                         self._deliver(clients, event)
+                # no await since the deliveries: a client joining now starts exactly here
+                self._positions[tp] = records[-1].offset + 1
 
-    @contextlib.asynccontextmanager
-    async def _assigned_consumer(
+    async def _replay(
+        self, subscription: Subscription, since_ms: int, window: asyncio.Future[None]
+    ) -> None:
+        """Send a resumed client what it missed, then make it live (see the module doc)."""
+        unavailable = ResumeRefusedError("unavailable", "the stream cannot read Kafka now")
+        try:
+            live_from = await subscription.live_from
+            consumer = kafka_consumer(
+                self._access, group_id=None, enable_auto_commit=False, **_REPLAY_FETCH
+            )
+            try:
+                await consumer.start()
+                ranges = await self._replay_window(consumer, since_ms, live_from)
+                records = sum(end - start for start, end in ranges.values())
+                if records > self._resume_max_events:
+                    self._metrics.stream_resumes_refused.labels("window").inc()
+                    _settle(
+                        window,
+                        ResumeRefusedError(
+                            "window",
+                            f"{records} records since Last-Event-ID; a resume replays at most"
+                            f" {self._resume_max_events}: reconnect without Last-Event-ID",
+                        ),
+                    )
+                    return
+                _settle(window, None)
+                await self._read_window(consumer, subscription, ranges)
+            finally:
+                await consumer.stop()
+            await self._release_held(subscription)
+        except KafkaError as exc:
+            log.warning("stream resume failed: %s", exc)
+            if window.done():
+                _end(subscription)  # mid-replay: the client reconnects with Last-Event-ID
+            else:
+                self._metrics.stream_resumes_refused.labels("unavailable").inc()
+        except Exception:
+            # a bug here must end this client's stream, not leave it waiting forever
+            log.exception("stream resume failed")
+            _end(subscription)
+        finally:
+            _settle(window, unavailable)
+            if self._replays.get(subscription) is asyncio.current_task():
+                del self._replays[subscription]
+                self._metrics.stream_resumes.set(len(self._replays))
+
+    async def _replay_window(
         self,
-    ) -> AsyncIterator[tuple[AIOKafkaConsumer, frozenset[TopicPartition]]]:
-        """A started group-less consumer once it holds its partitions (stopped on exit)."""
-        await self._load_districts()
-        consumer = self._consumer()
-        await consumer.start()
-        try:
-            assignment = consumer.assignment()
-            while not assignment:
-                await consumer.getmany(timeout_ms=100)
-                assignment = consumer.assignment()
-            yield consumer, frozenset(assignment)
-        finally:
-            await consumer.stop()
+        consumer: AIOKafkaConsumer,
+        since_ms: int,
+        live_from: Mapping[TopicPartition, int],
+    ) -> dict[TopicPartition, tuple[int, int]]:
+        """[first offset at or after `since_ms`, where the live feed began) per partition."""
+        found = await consumer.offsets_for_times(dict.fromkeys(live_from, since_ms))
+        ranges = {}
+        for tp, end in live_from.items():
+            start = found[tp].offset if found.get(tp) is not None else end
+            if start < end:
+                ranges[tp] = (start, end)
+        return ranges
 
-    async def _run_shared(self) -> None:
-        try:
-            async with self._assigned_consumer() as (consumer, assignment):
-                # Pin the start at "latest now", so an event right after subscribing is not
-                # missed.
-                for tp in assignment:
-                    await consumer.position(tp)
-                self.live.set()
-                await self._consume(consumer, self._decoder(), lambda: list(self._subscribers))
-        finally:
-            self.live.clear()
+    async def _read_window(
+        self,
+        consumer: AIOKafkaConsumer,
+        subscription: Subscription,
+        ranges: Mapping[TopicPartition, tuple[int, int]],
+    ) -> None:
+        """Queue the window's events at the client's pace (a full queue waits, not drops)."""
+        if not ranges:
+            return
+        consumer.assign(list(ranges))
+        for tp, (start, _) in ranges.items():
+            consumer.seek(tp, start)
+        ends = {tp: end for tp, (_, end) in ranges.items()}
+        decoder = self._decoder()
+        while ends and not subscription.overflowed:
+            fetched = await consumer.getmany(timeout_ms=1000, max_records=500)
+            for tp, records in fetched.items():
+                end = ends.get(tp)
+                if end is None:
+                    continue
+                for record in records:
+                    if record.offset >= end:
+                        break
+                    event = decoder.decode(record)
+                    if event is not None and subscription.filter.matches(event):
+                        await subscription.queue.put(event)
+                        self._metrics.stream_events.labels(event.event_type).inc()
+            for tp in list(ends):
+                if await consumer.position(tp) >= ends[tp]:
+                    del ends[tp]
+                    consumer.pause(tp)
 
-    async def _run_private(self, subscription: Subscription, since_ms: int) -> None:
-        async with self._assigned_consumer() as (consumer, assignment):
-            # Resume at the millisecond of the last event the client saw: events of that same
-            # millisecond are sent again (at-least-once), none is skipped.
-            offsets = await consumer.offsets_for_times(dict.fromkeys(assignment, since_ms))
-            ends = await consumer.end_offsets(list(assignment))
-            for tp in assignment:
-                found = offsets.get(tp)
-                consumer.seek(tp, found.offset if found is not None else ends[tp])
-            await self._consume(consumer, self._decoder(), lambda: [subscription])
+    async def _release_held(self, subscription: Subscription) -> None:
+        """Queue the live events held during the replay, then deliver live directly."""
+        held = subscription.held
+        while held and not subscription.overflowed:
+            event = held.popleft()
+            await subscription.queue.put(event)
+            self._metrics.stream_events.labels(event.event_type).inc()
+        subscription.held = None
 
     async def close(self) -> None:
-        """End every stream (shutdown): clients get end-of-stream, the consumer stops."""
+        """End every stream (shutdown): clients get end-of-stream, consumers stop."""
         self._closed = True
-        for subscription in list(self._everyone):
+        for subscription in list(self._subscribers):
             _end(subscription)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            self.leave(subscription)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=10)

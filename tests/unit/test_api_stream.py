@@ -98,3 +98,23 @@ def test_records_nobody_wants_are_skipped_by_key_before_decoding() -> None:
     assert d.wanted(rec("k", {"district": "south"}, key=b"wb-2"), interest)  # tickets: by value
     assert d.wanted(rec("d", {"device_id": "wb-3"}, key=b"wb-3"), interest)  # registry: always
     assert d.wanted(rec("t", reading(1), key=b"wb-2"), Interest(None, None))
+
+
+def test_a_record_that_breaks_decoding_is_skipped_and_reported() -> None:
+    skipped: list[str] = []
+    d = EventDecoder(
+        telemetry_topic="t",
+        status_topic="s",
+        tickets_topic="k",
+        devices_topic="d",
+        on_skip=skipped.append,
+    )
+    # str() of 1000 nested lists raises RecursionError (it ended the stream task on 0020c77)
+    deep = b'{"kind": ' + b"[" * 1000 + b"]" * 1000 + b', "district": "x"}'
+    value = b"not json"
+    garbage = ConsumerRecord("t", 0, 1, 0, 0, None, value, None, 0, len(value), [])
+    assert d.decode(ConsumerRecord("k", 0, 1, 0, 0, None, deep, None, 0, len(deep), [])) is None
+    assert d.decode(garbage) is None
+    assert d.decode(rec("s", {"kind": "wastebin"})) is None
+    assert skipped == ["tickets", "telemetry", "status"]
+    assert d.decode(rec("k", {"kind": "manhole", "district": "x"})) is not None
