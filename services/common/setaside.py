@@ -10,6 +10,7 @@ the consumer moves on; an outage is retried, forever, with capped backoff.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,8 +58,9 @@ def deadletter_headers(
     record: ConsumerRecord[bytes, bytes], *, consumer: str, reason: str, detail: str
 ) -> list[tuple[str, bytes]]:
     """Headers of a downstream dead letter: why, who set it aside, and where it was."""
-    size = len(record.value) if record.value is not None else 0
-    return [
+    value = record.value if record.value is not None else b""
+    size = len(value)
+    headers = [
         ("reason", reason.encode()),
         ("detail", detail[:_DETAIL_MAX_CHARS].encode("utf-8", "replace")),
         ("consumer", consumer.encode()),
@@ -68,6 +70,10 @@ def deadletter_headers(
         ("original_size", str(size).encode()),
         ("set_aside_at", datetime.now(UTC).isoformat().encode()),
     ]
+    if size > RAW_PREFIX_BYTES:
+        # like ingest's: a value cut to its prefix is identified by the hash of the whole
+        headers.append(("sha256", hashlib.sha256(value).hexdigest().encode()))
+    return headers
 
 
 @dataclass(frozen=True, slots=True)

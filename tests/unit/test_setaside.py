@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import asyncpg
 import pytest
@@ -72,6 +73,7 @@ def test_dead_letter_headers_say_where_and_why_and_bound_the_detail() -> None:
     assert headers["source_topic"] == b"city.telemetry.v1"
     assert (headers["source_partition"], headers["source_offset"]) == (b"4", b"1234")
     assert headers["original_size"] == b"20000"
+    assert headers["sha256"] == hashlib.sha256(b"x" * 20_000).hexdigest().encode()
     assert headers["detail"].startswith(b"ValueError: bad value y")
     assert len(headers["detail"]) == 500
 
