@@ -295,6 +295,7 @@ def main(argv: list[str]) -> int:
         instance_id=settings.instance_id,
         level=settings.log_level,
         fmt=settings.log_format,
+        repeat_interval_s=settings.log_repeat_interval_s,
     )
     if args.purge_session:
         return end_session(settings, client_id=args.client_id or settings.ingest_client_id)

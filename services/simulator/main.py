@@ -634,6 +634,7 @@ def main(argv: list[str]) -> int:
         instance_id=settings.instance_id,
         level=settings.log_level,
         fmt=settings.log_format,
+        repeat_interval_s=settings.log_repeat_interval_s,
     )
     try:
         return asyncio.run(_main(settings, options, provision_only=args.provision_only))
