@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,7 +254,8 @@ _REPLAY_FETCH = {"max_partition_fetch_bytes": 256 * 1024, "fetch_max_bytes": 4 *
 
 
 class Broadcaster:
-    """Runs a group-less consumer while clients are connected and fans events out to them."""
+    """Runs a group-less consumer while clients are connected and fans events out to them;
+    replays the window a resuming client missed (see the module docstring)."""
 
     def __init__(
         self,
@@ -303,7 +304,7 @@ class Broadcaster:
             on_skip=lambda topic_kind: skipped.labels(topic_kind).inc(),
         )
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -312,7 +313,7 @@ class Broadcaster:
     async def open(self, stream_filter: StreamFilter, *, since_ms: int | None) -> Subscription:
         """Register a client (live at once, or after a replay from `since_ms`).
 
-        The caller must `close()` it. ResumeRefusedError when a resume cannot start.
+        The caller must `leave()` it. ResumeRefusedError when a resume cannot start.
         """
         subscription = Subscription(stream_filter, asyncio.Queue(self._queue_max))
         if self._closed:
