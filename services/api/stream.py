@@ -556,6 +556,9 @@ class Broadcaster:
                 if await consumer.position(tp) >= ends[tp]:
                     del ends[tp]
                     consumer.pause(tp)
+            # Neither a buffered fetch nor a queue with room suspends: let the loop serve
+            # others between batches, so a burst of replays cannot starve it.
+            await asyncio.sleep(0)
 
     async def _release_held(self, subscription: Subscription) -> None:
         """Queue the live events held during the replay, then deliver live directly."""
