@@ -158,8 +158,18 @@ class EventDecoder:
             body = orjson.loads(record.value)
             return self._decode(record.topic, record.timestamp, body)
         except Exception as exc:  # a poison record must not end the stream
-            log.debug("stream skipped an undecodable record: %r", exc)
-            self.on_skip(self._topic_kind(record.topic))
+            topic_kind = self._topic_kind(record.topic)
+            log.warning(  # rate-limited per template by the service's log filter
+                "stream skipped an undecodable %s record: %r",
+                topic_kind,
+                exc,
+                extra={
+                    "topic": record.topic,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                },
+            )
+            self.on_skip(topic_kind)
             return None
 
     def _topic_kind(self, topic: str) -> str:
@@ -287,6 +297,11 @@ class Broadcaster:
         self._districts: dict[str, str] = {}
         self._closed = False
         self.live = asyncio.Event()  # set once the shared consumer has its partitions
+        # every label exists from start-up at 0, so an alert's increase() sees the first one
+        for topic_kind in ("telemetry", "status", "tickets", "devices"):
+            metrics.stream_skipped.labels(topic_kind)
+        for reason in ("busy", "window", "unavailable"):
+            metrics.stream_resumes_refused.labels(reason)
 
     @property
     def resumes(self) -> int:
