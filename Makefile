@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install stack-up stack-down stack-status migrate test test-unit test-integration lint up down bench bench-quick schemas
+.PHONY: install stack-up stack-down stack-status migrate test test-unit test-integration test-edge-faults lint up down bench bench-quick schemas
 
 install: $(VENV)/.installed
 
@@ -28,11 +28,16 @@ stack-status: install
 migrate: stack-up
 	set -a && source "$$($(BIN)/cityops stack env)" && set +a && $(BIN)/cityops migrate
 
+# The edge fault suite (own brokers, faults under load, ~3 min) runs as a stage of its own.
 test: install stack-up migrate
-	set -a && source "$$($(BIN)/cityops stack env)" && set +a && $(BIN)/pytest -q -p no:cacheprovider
+	set -a && source "$$($(BIN)/cityops stack env)" && set +a && $(BIN)/pytest -q -p no:cacheprovider -m "not edge_faults"
+	set -a && source "$$($(BIN)/cityops stack env)" && set +a && $(BIN)/pytest -q -p no:cacheprovider -m edge_faults tests/integration
+
+test-edge-faults: install stack-up migrate
+	set -a && source "$$($(BIN)/cityops stack env)" && set +a && $(BIN)/pytest -q -p no:cacheprovider -m edge_faults tests/integration
 
 test-integration: install stack-up migrate
-	set -a && source "$$($(BIN)/cityops stack env)" && set +a && $(BIN)/pytest -q -p no:cacheprovider tests/integration
+	set -a && source "$$($(BIN)/cityops stack env)" && set +a && $(BIN)/pytest -q -p no:cacheprovider -m "not edge_faults" tests/integration
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit
