@@ -5,7 +5,10 @@ ports 19850-19899, one after the other: the stack's broker with the config the s
 and Debian 12's Mosquitto 2.0.11 (`/usr/sbin/mosquitto`) with the password-file + ACL setup
 the stack used before. Each gets the same device accounts; `devices` clients CONNECT with their
 own credentials over raw asyncio sockets (paho's thread per client would not fit 10,000) and
-stay connected while the broker's VmRSS is read. The shared broker on 1883 is not touched.
+stay connected while the broker's VmRSS is read. Then 4 `mosquitto_pub -l` (devices, QoS 1)
+send `messages` readings to one `mosquitto_sub` on `$share/ingest/...` (QoS 1): the broker's
+throughput with C clients, so Python is not what is measured. The shared broker on 1883 is
+not touched.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from cityops.stack.mosquitto_instance import BrokerInstance, broker_tempdir, fre
 PORTS = range(19850, 19900)
 DEBIAN_BINARY = "/usr/sbin/mosquitto"
 _CONNECTS_AT_ONCE = 200
-_KEEPALIVE_S = 600  # longer than the whole measurement: the broker never times a client out
+_KEEPALIVE_S = 600
+_PUBLISHERS = 4  # longer than the whole measurement: the broker never times a client out
 
 # Debian 12's 2.0.11 as the stack ran it before the auth plugin: same limits and persistence.
 DEBIAN_CONF = """\
@@ -96,7 +100,12 @@ async def _connect(
 
 
 async def _measure(
-    broker: BrokerInstance, accounts: Mapping[str, str], devices: int
+    broker: BrokerInstance,
+    accounts: Mapping[str, str],
+    *,
+    devices: int,
+    ingest: tuple[str, str],
+    messages: int,
 ) -> dict[str, Any]:
     await asyncio.to_thread(broker.start)
     try:
@@ -115,7 +124,10 @@ async def _measure(
         finally:
             for writer in writers:
                 writer.close()
+        publishers = list(accounts.items())[:_PUBLISHERS]
+        flow = await _throughput(broker.port, ingest=ingest, devices=publishers, count=messages)
         return {
+            **flow,
             "version": broker.version(),
             "connected": len(writers),
             "connect_s": round(connect_s, 2),
@@ -125,6 +137,54 @@ async def _measure(
         }
     finally:
         await asyncio.to_thread(broker.stop)
+
+
+async def _throughput(
+    port: int, *, ingest: tuple[str, str], devices: list[tuple[str, str]], count: int
+) -> dict[str, Any]:
+    """QoS 1 from `len(devices)` mosquitto_pub processes to one `$share` mosquitto_sub."""
+    user, password = ingest
+    per_device = count // len(devices)
+    total = per_device * len(devices)
+    subscriber = await asyncio.create_subprocess_exec(
+        *("mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-u", user, "-P", password),
+        *("-i", f"{user}-bench-{uuid.uuid4().hex[:6]}", "-q", "1", "-C", str(total)),
+        *("-W", "120", "-t", "$share/ingest/city/+/+/telemetry"),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    # mosquitto_sub prints nothing when subscribed: give it a moment before anything is sent
+    await asyncio.sleep(1.0)
+    started = time.monotonic()
+    publishers = []
+    for device_id, device_password in devices:
+        lines = b"".join(_reading_line(device_id, seq) for seq in range(per_device))
+        publisher = await asyncio.create_subprocess_exec(
+            *("mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-i", device_id),
+            *("-u", device_id, "-P", device_password, "-q", "1", "-l"),
+            *("-t", f"city/parking/{device_id}/telemetry"),
+            stdin=asyncio.subprocess.PIPE,
+        )
+        assert publisher.stdin is not None
+        publisher.stdin.write(lines)
+        publisher.stdin.close()
+        publishers.append(publisher)
+    await asyncio.gather(*(p.wait() for p in publishers))
+    published_s = time.monotonic() - started
+    received_all = await subscriber.wait() == 0
+    delivered_s = time.monotonic() - started
+    return {
+        "qos1_messages": total,
+        "qos1_received_all": received_all,
+        "qos1_publish_msgs_per_s": round(total / published_s),
+        "qos1_delivered_msgs_per_s": round(total / delivered_s),
+    }
+
+
+def _reading_line(device_id: str, seq: int) -> bytes:
+    return (
+        f'{{"device_id":"{device_id}","kind":"parking","ts":"2026-01-01T00:00:00+00:00",'
+        f'"seq":{seq},"occupied":true}}\n'
+    ).encode()
 
 
 def _allow_sockets(count: int) -> None:
@@ -137,11 +197,14 @@ def _allow_sockets(count: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-async def run_stack_bench(env: Mapping[str, str], *, devices: int = 10_000) -> dict[str, Any]:
-    """Broker RSS idle and with `devices` connected: the stack's broker, then Debian's 2.0.11."""
-    del env  # both brokers are our own; the shared stack is not used
+async def run_stack_bench(
+    env: Mapping[str, str], *, devices: int = 10_000, messages: int = 100_000
+) -> dict[str, Any]:
+    """For the stack's broker, then Debian's 2.0.11: RSS idle and with `devices` connected,
+    then `messages` QoS 1 readings from 4 publishers to one shared subscriber."""
     _allow_sockets(devices)
     tag = uuid.uuid4().hex[:6]
+    ingest = (env["CITYOPS_INGEST_MQTT_USERNAME"], secrets.token_urlsafe(12))
     accounts = {f"rss-{tag}-{n:05d}": secrets.token_urlsafe(12) for n in range(devices)}
     results: dict[str, Any] = {"devices": devices}
     with broker_tempdir("cityops-bench-broker-") as tmp:
@@ -153,12 +216,14 @@ async def run_stack_bench(env: Mapping[str, str], *, devices: int = 10_000) -> d
                 BrokerInstance.create,
                 home,
                 port=port,
-                accounts=accounts,
+                accounts={**accounts, ingest[0]: ingest[1]},
                 binary=binary,
                 conf_text=conf,
             )
             try:
-                measured = await _measure(broker, accounts, devices)
+                measured = await _measure(
+                    broker, accounts, devices=devices, ingest=ingest, messages=messages
+                )
             finally:
                 with contextlib.suppress(OSError):
                     broker.close()
