@@ -41,7 +41,7 @@ from tests.integration.ingest_support import (
     wait_ready,
 )
 
-PORTS = range(19800, 19900)
+PORTS = range(19800, 19850)  # the bench uses 19850-19899
 DEVICES = 50
 RATE_PER_S = 300  # all devices together: 6 readings/s each
 KIND = Kind.PARKING
@@ -109,6 +109,40 @@ class Device:
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def connack_of(*, device_id: str, password: str, port: int) -> ReasonCode | None:
+    """One MQTT 3.1.1 CONNECT with the device's own id: its CONNACK, None if closed without one."""
+    answered = threading.Event()
+    outcome: list[ReasonCode] = []
+    client = Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=device_id,
+        protocol=MQTTProtocolVersion.MQTTv311,
+    )
+    client.username_pw_set(device_id, password)
+
+    def on_connect(
+        _c: Client, _u: object, _f: ConnectFlags, reason: ReasonCode, _p: Properties | None
+    ) -> None:
+        outcome.append(reason)
+        answered.set()
+
+    def on_disconnect(
+        _c: Client, _u: object, _f: DisconnectFlags, _r: ReasonCode, _p: Properties | None
+    ) -> None:
+        answered.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.connect("127.0.0.1", port, keepalive=10)
+    client.loop_start()
+    try:
+        answered.wait(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return outcome[0] if outcome else None
 
 
 class Fleet:
@@ -361,7 +395,7 @@ class EdgeCase:
             seen = len(records)
             return acked <= found
 
-        async with TopicReader(self.ingest.kafka_bootstrap, self.ingest.telemetry) as reader:
+        async with TopicReader(self.ingest.kafka.admin, self.ingest.telemetry) as reader:
             with contextlib.suppress(AssertionError):  # a loss is reported below, not raised
                 await reader.until(
                     all_found, within_s=within_s, message="every acked reading in Kafka"

@@ -8,13 +8,22 @@ broker PUBACKed is in the telemetry topic. `make test` runs these in a stage of 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import pytest
 import pytest_asyncio
+from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.integration.conftest import MakeTopics, MqttSettings
-from tests.integration.edge_faults import Attacker, EdgeCase, Outcome, edge_case
+from tests.integration.edge_faults import (
+    RATE_PER_S,
+    Attacker,
+    EdgeCase,
+    Outcome,
+    connack_of,
+    edge_case,
+)
 
 pytestmark = [
     pytest.mark.edge_faults,
@@ -25,6 +34,7 @@ pytestmark = [
 
 BEFORE = 1_200  # readings published before the fault (~4 s)
 TOTAL = 3_600  # readings in the whole case (~12 s)
+KILL_LOSS_BOUND = RATE_PER_S // 10
 
 
 @pytest_asyncio.fixture
@@ -65,13 +75,17 @@ async def test_broker_restarted_cleanly_loses_no_acked_reading(edge: EdgeCase) -
     assert not outcome.missing, outcome
 
 
-async def test_broker_killed_loses_no_acked_reading(edge: EdgeCase) -> None:
+async def test_broker_killed_loses_at_most_what_was_in_flight(edge: EdgeCase) -> None:
     async def kill_and_start() -> None:
         edge.broker.kill()
         edge.broker.start()
 
     outcome = await strike(edge, "broker kill -9 + start", kill_and_start)
-    assert not outcome.missing, outcome
+    # Mosquitto writes nothing to disk before PUBACK: a kill -9 loses what it had acknowledged
+    # to a device and not yet handed to ingest. Ingest keeps up, so that is what is in flight
+    # at that instant; measured 0 in every run at 300 readings/s (mqtt-broker.md). The bound
+    # is 0.1 s of readings.
+    assert len(outcome.missing) <= KILL_LOSS_BOUND, outcome
 
 
 async def test_ingest_down_while_broker_restarts_loses_no_acked_reading(edge: EdgeCase) -> None:
@@ -96,6 +110,28 @@ async def test_ingest_killed_while_broker_down_loses_no_acked_reading(edge: Edge
 
     outcome = await strike(edge, "ingest kill -9 while the broker is down", kill_ingest_meanwhile)
     assert not outcome.missing, outcome
+
+
+async def test_devices_wait_for_ingest_after_a_broker_restart(edge: EdgeCase) -> None:
+    """Mosquitto forgets `$share` subscriptions on restart: devices wait until ingest is back."""
+    device_id, password = next(iter(edge.devices.items()))
+    port = edge.broker.port
+
+    def connack() -> ReasonCode | None:
+        return connack_of(device_id=device_id, password=password, port=port)
+
+    before = await asyncio.to_thread(connack)
+    assert before is not None, "a device was refused while ingest was subscribed"
+    assert not before.is_failure, before
+    edge.stop_ingest()
+    edge.broker.stop()
+    edge.broker.start()
+    held = await asyncio.to_thread(connack)
+    assert held is None or held.is_failure, "a device was accepted with no ingest subscribed"
+    await edge.start_ingest()
+    after = await asyncio.to_thread(connack)
+    assert after is not None, "the device is still held after ingest subscribed again"
+    assert not after.is_failure, after
 
 
 async def test_attackers_take_nothing_and_ingest_keeps_its_session(edge: EdgeCase) -> None:

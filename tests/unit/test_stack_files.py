@@ -90,6 +90,8 @@ def test_mosquitto_conf_rendered(paths: StackPaths) -> None:
         "dispatcher_user": "dispatcher",
         "reserved_ids": "ingest,gateway,dispatcher,cityops",
         "max_sessions": "3",
+        "ingest_share_group": "ingest",
+        "ingest_seen_file": f"{home}/data/cityops_ingest_seen",
     }
     assert lines["persistence_location"] == f"persistence_location {home}/data/"
     assert lines["max_packet_size"] == "max_packet_size 262144"  # > 4 KiB: ingest dead-letters

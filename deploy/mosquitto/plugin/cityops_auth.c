@@ -19,13 +19,23 @@
  *   gateway writes telemetry and status for any device; dispatcher writes
  *   city/{kind}/{id}/commands[/...] and reads .../commands/result. Services never retain.
  *
+ * Publishers wait for ingest after a restart: Mosquitto 2.0 (2.0.21 too, measured) does not
+ * save `$share` subscriptions, so after a restart ingest's session comes back without them and
+ * every reading PUBACKed before ingest subscribes again is dropped. Once ingest's share group
+ * (`ingest_share_group`) has subscribed, the plugin writes `ingest_seen_file` (in the
+ * persistence folder); a broker that starts with that file refuses devices and the gateway
+ * (connection closed without CONNACK: clients retry, nothing is acknowledged) until the group
+ * subscribes again. A broker whose group never subscribed (a fresh or a test broker) holds no
+ * one. Remove the file when the group is retired for good (docs/operations.md).
+ *
  * Options (plugin_opt_<key> in mosquitto.conf): service_password_file, device_password_file
  * (required), ingest_user, gateway_user, dispatcher_user, reserved_ids (comma separated),
- * max_sessions.
+ * max_sessions, ingest_share_group and ingest_seen_file (both or neither).
  */
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <inttypes.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -108,6 +118,12 @@ struct plugin_state {
 	struct pending_kick *kicks;
 	size_t kick_count;
 	size_t kick_capacity;
+	const char *share_prefix; /* "$share/<ingest_share_group>/", or NULL: hold no one */
+	char *share_prefix_buffer;
+	const char *seen_file;
+	bool holding; /* publishers wait until ingest's group subscribes */
+	bool group_live;
+	uint64_t held;
 };
 
 /* ---- small helpers ---------------------------------------------------------------- */
@@ -566,6 +582,15 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 		account = find_account(state, ed->username);
 		if(account == NULL || !password_matches(account, ed->password)) return MOSQ_ERR_AUTH;
 	}
+	if((account->role == ROLE_DEVICE || account->role == ROLE_GATEWAY) && state->holding){
+		if(state->held++ % 1000 == 0){
+			mosquitto_log_printf(MOSQ_LOG_NOTICE,
+					"cityops_auth: holding %s until ingest's %s subscriptions are back "
+					"(%" PRIu64 " connects held)", ed->username, state->share_prefix,
+					state->held);
+		}
+		return MOSQ_ERR_CONN_REFUSED; /* closed without CONNACK: retry, nothing acked */
+	}
 	if(account->role != ROLE_DEVICE) return MOSQ_ERR_SUCCESS;
 
 	const char *id = mosquitto_client_id(ed->client);
@@ -693,6 +718,22 @@ static bool service_filter(const char *filter)
 	return starts_with(filter, "city/");
 }
 
+/* Ingest's group subscribed (again): record it once, and let publishers in. */
+static void ingest_group_subscribed(struct plugin_state *state)
+{
+	state->holding = false;
+	if(state->group_live) return;
+	state->group_live = true;
+	FILE *seen = fopen(state->seen_file, "w");
+	if(seen == NULL || fprintf(seen, "%s\n", state->share_prefix) < 0 || fclose(seen) != 0){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "cityops_auth: could not write %s: %s",
+				state->seen_file, strerror(errno));
+		return;
+	}
+	mosquitto_log_printf(MOSQ_LOG_INFO, "cityops_auth: %s subscribed; publishers accepted",
+			state->share_prefix);
+}
+
 static bool ingest_reads(const struct topic *t)
 {
 	return is_channel(t) || is_result(t);
@@ -732,6 +773,9 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 		case ROLE_INGEST:
 			if(ed->access == MOSQ_ACL_SUBSCRIBE){
 				allowed = service_filter(ed->topic);
+				if(allowed && state->share_prefix && starts_with(ed->topic, state->share_prefix)){
+					ingest_group_subscribed(state);
+				}
 			}else if(ed->access == MOSQ_ACL_READ){
 				allowed = device_tree(&t, NULL) && ingest_reads(&t);
 			}
@@ -795,6 +839,7 @@ static void state_free(struct plugin_state *state)
 	}
 	free(state->kicks);
 	free(state->reserved_buffer);
+	free(state->share_prefix_buffer);
 	free(state);
 }
 
@@ -826,6 +871,31 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 		return MOSQ_ERR_INVAL;
 	}
 	state->max_sessions = (size_t)sessions;
+	const char *group = option(options, option_count, "ingest_share_group", NULL);
+	state->seen_file = option(options, option_count, "ingest_seen_file", NULL);
+	if((group == NULL) != (state->seen_file == NULL) || (group && !*group)){
+		mosquitto_log_printf(MOSQ_LOG_ERR,
+				"cityops_auth: ingest_share_group and ingest_seen_file go together");
+		state_free(state);
+		return MOSQ_ERR_INVAL;
+	}
+	if(group){
+		size_t len = strlen("$share/") + strlen(group) + 2;
+		state->share_prefix_buffer = malloc(len);
+		if(state->share_prefix_buffer == NULL){
+			state_free(state);
+			return MOSQ_ERR_NOMEM;
+		}
+		snprintf(state->share_prefix_buffer, len, "$share/%s/", group);
+		state->share_prefix = state->share_prefix_buffer;
+		struct stat seen;
+		state->holding = stat(state->seen_file, &seen) == 0;
+		if(state->holding){
+			mosquitto_log_printf(MOSQ_LOG_NOTICE,
+					"cityops_auth: %s was subscribed before this start (%s): publishers "
+					"wait until it subscribes again", state->share_prefix, state->seen_file);
+		}
+	}
 	state->reserved_buffer = strdup(option(options, option_count, "reserved_ids", ""));
 	state->session_buckets = 4096;
 	state->sessions = calloc(state->session_buckets, sizeof(struct user_sessions *));
