@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 
 from cityops.api.metrics import create_metrics
 from cityops.api.projector import Projector
-from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_producer
+from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_producer, scratch_topic
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.scratch import drop_database
@@ -446,7 +446,7 @@ async def _api_process(env: Mapping[str, str]) -> AsyncIterator[str]:
 
 async def _topics(kafka: KafkaAccess, tag: str) -> dict[str, str]:
     names = {
-        name: f"bench.api.{name}.{tag}"
+        name: scratch_topic(name, f"bench-api-{tag}")
         for name in ("telemetry", "status", "tickets", "devices", "deadletter")
     }
     admin = kafka_admin(kafka)

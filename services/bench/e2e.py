@@ -45,7 +45,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 
 from cityops.bench.stats import percentile
-from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_consumer
+from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_consumer, scratch_topic
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.mqtt_sessions import purge_session
@@ -440,7 +440,7 @@ async def run_e2e_bench(  # noqa: PLR0915 - one setup/measure/teardown script re
     db_name = f"bench_e2e_{tag}"
     db_url = _with_database(admin_url, db_name)
     topics = {
-        key: f"bench.{key}.{tag}"
+        key: scratch_topic(key, f"bench-e2e-{tag}")
         for key in ("telemetry", "status", "deadletter", "tickets", "devices")
     }
     api_key = env.get("CITYOPS_API_BOOTSTRAP_KEY") or uuid.uuid4().hex

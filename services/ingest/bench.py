@@ -28,7 +28,13 @@ from aiokafka.admin import NewTopic
 from paho.mqtt.client import Client, MQTTMessageInfo
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_consumer, kcat_args
+from cityops.common.kafka import (
+    KafkaAccess,
+    kafka_admin,
+    kafka_consumer,
+    kcat_args,
+    scratch_topic,
+)
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.mqtt_sessions import purge_session
@@ -167,7 +173,8 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
     gw_user = env["CITYOPS_SIMULATOR_MQTT_USERNAME"]
     gw_pw = env["CITYOPS_SIMULATOR_MQTT_PASSWORD"]
     topics = {
-        name: f"bench.{name}.{tag}" for name in ("telemetry", "status", "deadletter", "baseline")
+        name: scratch_topic(name, f"bench-{tag}")
+        for name in ("telemetry", "status", "deadletter", "baseline")
     }
     group, base_group = f"bench-{tag}", f"bench-base-{tag}"
     client_ids = [f"ingest-bench-{tag}-{n}" for n in range(replicas)]

@@ -33,7 +33,13 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import TopicPartition
 
-from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_consumer, kcat_args
+from cityops.common.kafka import (
+    KafkaAccess,
+    kafka_admin,
+    kafka_consumer,
+    kcat_args,
+    scratch_topic,
+)
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
 from cityops.common.registry import Device, upsert_devices
@@ -233,7 +239,10 @@ async def _phase(
     db_name = f"bench_rules_{tag}"
     base = env["CITYOPS_DATABASE_URL"]
     db_url = urlunsplit(urlsplit(base)._replace(path=f"/{db_name}"))
-    topics = {name: f"bench.rules.{name}.{tag}" for name in ("telemetry", "status", "tickets")}
+    topics = {
+        name: scratch_topic(name, f"bench-rules-{tag}")
+        for name in ("telemetry", "status", "tickets")
+    }
     await admin_db.execute(f'CREATE DATABASE "{db_name}"')
     try:
         conn = await asyncpg.connect(db_url)

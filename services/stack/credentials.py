@@ -18,6 +18,10 @@ SECRET_KEYS = (
     "API_BOOTSTRAP_KEY",
     "POSTGRES_GRAFANA_PASSWORD",
     "MQTT_DISPATCHER_PASSWORD",
+    "KAFKA_ADMIN_PASSWORD",
+    "KAFKA_INGEST_PASSWORD",
+    "KAFKA_RULES_PASSWORD",
+    "KAFKA_API_PASSWORD",
 )
 INGEST_USER = "ingest"
 GATEWAY_USER = "gateway"
@@ -40,6 +44,10 @@ class StackSecrets:
     api_bootstrap_key: str
     postgres_grafana_password: str
     mqtt_dispatcher_password: str
+    kafka_admin_password: str
+    kafka_ingest_password: str
+    kafka_rules_password: str
+    kafka_api_password: str
 
     def __repr__(self) -> str:
         return "StackSecrets(<hidden>)"
@@ -74,6 +82,10 @@ def _from_values(values: dict[str, str]) -> StackSecrets:
         api_bootstrap_key=values["API_BOOTSTRAP_KEY"],
         postgres_grafana_password=values["POSTGRES_GRAFANA_PASSWORD"],
         mqtt_dispatcher_password=values["MQTT_DISPATCHER_PASSWORD"],
+        kafka_admin_password=values["KAFKA_ADMIN_PASSWORD"],
+        kafka_ingest_password=values["KAFKA_INGEST_PASSWORD"],
+        kafka_rules_password=values["KAFKA_RULES_PASSWORD"],
+        kafka_api_password=values["KAFKA_API_PASSWORD"],
     )
 
 
@@ -119,6 +131,15 @@ def superuser_url(stack_secrets: StackSecrets) -> str:
     )
 
 
+def _kafka_principal(name: str, password: str) -> dict[str, str]:
+    prefix = f"CITYOPS_{name.upper()}_KAFKA_"
+    return {
+        f"{prefix}USERNAME": name,
+        f"{prefix}PASSWORD": password,
+        f"{prefix}SASL_MECHANISM": "SCRAM-SHA-512",
+    }
+
+
 def render_env(paths: StackPaths, stack_secrets: StackSecrets) -> str:
     """The `.stack/cityops.env` content: every `CITYOPS_*` setting the stack knows."""
     mqtt_dir = paths.root / "mosquitto"
@@ -138,6 +159,12 @@ def render_env(paths: StackPaths, stack_secrets: StackSecrets) -> str:
         "CITYOPS_MQTT_DEVICE_PASSWORD_FILE": str(mqtt_dir / "devices.passwd"),
         "CITYOPS_MQTT_PASSWORD_LOCK_FILE": str(mqtt_dir / "passwd.lock"),
         "CITYOPS_API_BOOTSTRAP_KEY": stack_secrets.api_bootstrap_key,
+        # Kafka SCRAM principals: each service reads its own CITYOPS_<SERVICE>_KAFKA_*; tools
+        # and tests use the admin's (a super user)
+        **_kafka_principal("admin", stack_secrets.kafka_admin_password),
+        **_kafka_principal("ingest", stack_secrets.kafka_ingest_password),
+        **_kafka_principal("rules", stack_secrets.kafka_rules_password),
+        **_kafka_principal("api", stack_secrets.kafka_api_password),
     }
     for key, value in settings.items():
         if any(c in value for c in " \t\n'\"$`\\"):

@@ -6,9 +6,10 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from cityops.common.kafka import KafkaAccess, ensure_topics
+from cityops.common.kafka import KafkaAccess
 from cityops.common.settings import KafkaSettings
-from cityops.common.topics import DEADLETTER_TOPIC_CONFIG
+from cityops.stack.credentials import StackSecrets
+from cityops.stack.kafka_principals import Topics, ensure_a4_topics, provision
 from cityops.stack.layout import StackError, StackPaths
 from cityops.stack.procs import ServerSpec, run_command, write_if_changed
 
@@ -45,12 +46,18 @@ logger.raft.level = WARN
 """
 
 
-class KafkaLayout:
-    """Paths under `.stack/kafka`."""
+ADMIN_USER = "admin"
+AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+_PLAIN_MODULE = "org.apache.kafka.common.security.plain.PlainLoginModule"
+_SCRAM_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule"
 
-    def __init__(self, paths: StackPaths) -> None:
-        self.home = paths.root / "kafka"
-        self.libs = self.home / "libs"
+
+class KafkaLayout:
+    """Paths under `.stack/kafka` (or under `home` for a broker of its own)."""
+
+    def __init__(self, paths: StackPaths, home: Path | None = None) -> None:
+        self.home = home or paths.root / "kafka"
+        self.libs = paths.root / "kafka" / "libs"  # a broker of its own runs the stack's jars
         self.stamp = self.libs / ".pom.sha256"
         self.data = self.home / "data"
         self.logs = self.home / "logs"
@@ -60,17 +67,48 @@ class KafkaLayout:
         self.pom = paths.deploy / "kafka" / "pom.xml"
 
 
-def server_properties(layout: KafkaLayout) -> str:
-    """Single-node KRaft (broker + controller) on loopback; every internal topic RF 1."""
+def _plain_jaas(admin_password: str) -> str:
+    # the broker's own connections (to itself, to the controller) log in as the admin, and the
+    # admin is the only PLAIN user: services authenticate with SCRAM credentials only
+    return (
+        f'{_PLAIN_MODULE} required username="{ADMIN_USER}" password="{admin_password}" '
+        f'user_{ADMIN_USER}="{admin_password}";'
+    )
+
+
+def server_properties(
+    layout: KafkaLayout,
+    *,
+    admin_password: str,
+    port: int = PORT,
+    controller_port: int = CONTROLLER_PORT,
+) -> str:
+    """Single-node KRaft (broker + controller) on loopback; SASL everywhere, ACLs enforced.
+
+    No listener takes an unauthenticated client: the broker listener offers SCRAM-SHA-512 (the
+    services) and PLAIN (the stack's admin only); the controller listener PLAIN (KRaft cannot
+    use SCRAM there: the credentials live in the metadata it serves). StandardAuthorizer with
+    no ACL means no access; the admin is the super user.
+    """
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
-        "controller.quorum.bootstrap.servers": f"127.0.0.1:{CONTROLLER_PORT}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{PORT},CONTROLLER://127.0.0.1:{CONTROLLER_PORT}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{PORT}",
+        "controller.quorum.bootstrap.servers": f"127.0.0.1:{controller_port}",
+        "listeners": f"BROKER://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        "advertised.listeners": f"BROKER://127.0.0.1:{port}",
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "inter.broker.listener.name": "BROKER",
+        "listener.security.protocol.map": "CONTROLLER:SASL_PLAINTEXT,BROKER:SASL_PLAINTEXT",
+        "sasl.enabled.mechanisms": "SCRAM-SHA-512,PLAIN",
+        "sasl.mechanism.inter.broker.protocol": "PLAIN",
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "listener.name.broker.plain.sasl.jaas.config": _plain_jaas(admin_password),
+        "listener.name.broker.scram-sha-512.sasl.jaas.config": f"{_SCRAM_MODULE} required;",
+        "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.controller.plain.sasl.jaas.config": _plain_jaas(admin_password),
+        "authorizer.class.name": AUTHORIZER,
+        "super.users": f"User:{ADMIN_USER}",
+        "allow.everyone.if.no.acl.found": "false",
         "log.dirs": str(layout.data),
         "num.partitions": "12",
         "default.replication.factor": "1",
@@ -90,6 +128,12 @@ def server_properties(layout: KafkaLayout) -> str:
         "log.segment.bytes": str(256 * 1024 * 1024),
         "num.network.threads": "3",
         "num.io.threads": "4",
+        # Restart after a crash (docs/stack.md, "Kafka recovery"): the restarted node waits for
+        # its dead self's broker session to expire before it can register (9 s by default),
+        # and loads every partition's log, 2 at a time by default.
+        "broker.heartbeat.interval.ms": "500",
+        "broker.session.timeout.ms": "3000",
+        "num.recovery.threads.per.data.dir": "4",
     }
     header = "# written by `cityops stack up`; edit services/stack/kafka.py, not this file\n"
     return header + "".join(f"{key}={value}\n" for key, value in settings.items())
@@ -191,22 +235,44 @@ def ensure_formatted(layout: KafkaLayout) -> bool:
     return True
 
 
-def prepare(paths: StackPaths) -> bool:
+def write_config(
+    layout: KafkaLayout, *, admin_password: str, port: int, controller_port: int
+) -> bool:
+    """server.properties (0600: it holds the admin's password) and log4j2; True if changed."""
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    text = server_properties(
+        layout, admin_password=admin_password, port=port, controller_port=controller_port
+    )
+    changed = write_if_changed(layout.server_properties, text, mode=0o600)
+    changed |= write_if_changed(layout.log4j2, LOG4J2_PROPERTIES)
+    return changed
+
+
+def prepare(paths: StackPaths, stack_secrets: StackSecrets) -> bool:
     """Libs, config and storage; returns whether the broker config changed on disk."""
     layout = KafkaLayout(paths)
     ensure_libs(layout)
-    layout.logs.mkdir(parents=True, exist_ok=True)
-    changed = write_if_changed(layout.server_properties, server_properties(layout))
-    changed |= write_if_changed(layout.log4j2, LOG4J2_PROPERTIES)
+    changed = write_config(
+        layout,
+        admin_password=stack_secrets.kafka_admin_password,
+        port=PORT,
+        controller_port=CONTROLLER_PORT,
+    )
     ensure_formatted(layout)
     return changed
 
 
-def spec(paths: StackPaths) -> ServerSpec:
+def spec(
+    paths: StackPaths,
+    layout: KafkaLayout | None = None,
+    *,
+    name: str = "kafka",
+    ports: tuple[int, int] = (PORT, CONTROLLER_PORT),
+) -> ServerSpec:
     """How to run the broker (what bin/kafka-server-start.sh does, with a 512 MB heap)."""
-    layout = KafkaLayout(paths)
+    layout = layout or KafkaLayout(paths)
     return ServerSpec(
-        name="kafka",
+        name=name,
         argv=[
             "java",
             f"-Xms{HEAP}",
@@ -225,25 +291,53 @@ def spec(paths: StackPaths) -> ServerSpec:
             str(layout.server_properties),
         ],
         marker=str(layout.server_properties),
-        ports=(PORT, CONTROLLER_PORT),
+        ports=ports,
         cwd=layout.home,
         stop_timeout_s=60.0,
     )
 
 
+def admin_access(stack_secrets: StackSecrets, *, port: int = PORT) -> KafkaAccess:
+    """The stack's admin (PLAIN, a super user) as the stack itself logs in: it exists before
+    any SCRAM credential does, so it probes the broker and provisions the principals."""
+    return KafkaAccess(
+        f"127.0.0.1:{port}",
+        username=ADMIN_USER,
+        password=stack_secrets.kafka_admin_password,
+        sasl_mechanism="PLAIN",
+    )
+
+
+def scram_passwords(stack_secrets: StackSecrets) -> dict[str, str]:
+    """Each SCRAM principal's password: the services', and the admin's for tools and tests."""
+    return {
+        ADMIN_USER: stack_secrets.kafka_admin_password,
+        "ingest": stack_secrets.kafka_ingest_password,
+        "rules": stack_secrets.kafka_rules_password,
+        "api": stack_secrets.kafka_api_password,
+    }
+
+
+def default_topics() -> Topics:
+    """The A4 topic names (CITYOPS_TOPIC_* or their defaults)."""
+    settings = KafkaSettings(kafka_bootstrap=BOOTSTRAP)
+    return Topics(
+        telemetry=settings.topic_telemetry,
+        status=settings.topic_status,
+        deadletter=settings.topic_deadletter,
+        tickets=settings.topic_tickets,
+        devices=settings.topic_devices,
+    )
+
+
 async def ensure_default_topics(access: KafkaAccess) -> list[str]:
     """Create the A4 topics (names from CITYOPS_TOPIC_* or their defaults); returns new ones."""
-    settings = KafkaSettings(kafka_bootstrap=access.bootstrap)
-    names = [
-        settings.topic_telemetry,
-        settings.topic_status,
-        settings.topic_deadletter,
-        settings.topic_tickets,
-        settings.topic_devices,
-    ]
-    return await ensure_topics(
-        access,
-        topics=dict.fromkeys(names, settings.topic_partitions),
-        compacted={settings.topic_devices},
-        configs={settings.topic_deadletter: DEADLETTER_TOPIC_CONFIG},
-    )
+    partitions = KafkaSettings(kafka_bootstrap=access.bootstrap).topic_partitions
+    return await ensure_a4_topics(access, topics=default_topics(), partitions=partitions)
+
+
+async def ensure_access(stack_secrets: StackSecrets, *, port: int = PORT) -> list[str]:
+    """Principals, ACLs and the A4 topics, by the admin; returns the topics created."""
+    access = admin_access(stack_secrets, port=port)
+    await provision(access, passwords=scram_passwords(stack_secrets), topics=default_topics())
+    return await ensure_default_topics(access)

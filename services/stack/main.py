@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cityops.common.kafka import KafkaAccess
 from cityops.stack import kafka, mosquitto, packages, postgres, prometheus, services
 from cityops.stack.credentials import (
     INGEST_USER,
@@ -70,7 +69,7 @@ def probes(stack_secrets: StackSecrets) -> dict[str, Probe]:
         "mosquitto": lambda: probe_mqtt(
             "127.0.0.1", mosquitto.PORT, INGEST_USER, stack_secrets.mqtt_ingest_password
         ),
-        "kafka": lambda: probe_kafka(KafkaAccess(kafka.BOOTSTRAP)),
+        "kafka": lambda: probe_kafka(kafka.admin_access(stack_secrets)),
         "prometheus": lambda: probe_http_ok(f"{prometheus.URL}/-/ready"),
     }
 
@@ -243,12 +242,17 @@ def cmd_up(paths: StackPaths) -> int:
 
     changed = {
         "postgres": postgres.prepare(paths, stack_secrets),
-        "kafka": kafka.prepare(paths),
+        "kafka": kafka.prepare(paths, stack_secrets),
         "prometheus": prometheus.prepare(paths),
     }
     changed["mosquitto"] = mosquitto.prepare(paths, stack_secrets)
 
     specs = server_specs(paths)
+    if changed["kafka"] and running_pid(paths, specs["kafka"]) is not None:
+        # A running broker keeps its old listeners and ACL settings until restarted (SASL
+        # came in this way): a clean stop keeps every log, and the start below recovers none.
+        print("stack: kafka config changed; restarting it to apply", flush=True)
+        print(f"kafka: {stop(paths, specs['kafka'])}", flush=True)
     to_start = [name for name in SERVERS if running_pid(paths, specs[name]) is None]
     if "mosquitto" not in to_start and (changed["mosquitto"] or _old_broker_running(paths)):
         # clients reconnect (their sessions are saved at a clean stop); credentials never
@@ -273,7 +277,7 @@ def cmd_up(paths: StackPaths) -> int:
     started = {name: start(paths, specs[name]) for name in to_start}
 
     waited = asyncio.run(_wait_all(paths, stack_secrets, specs, started))
-    created = asyncio.run(kafka.ensure_default_topics(KafkaAccess(kafka.BOOTSTRAP)))
+    created = asyncio.run(kafka.ensure_access(stack_secrets))
     if created:
         print(f"stack: created Kafka topics {', '.join(created)}", flush=True)
     write_env(paths, stack_secrets)

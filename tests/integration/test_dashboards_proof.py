@@ -264,7 +264,7 @@ def service_envs(
             **common,
             **kafka.service("rules").env(),
             "CITYOPS_INSTANCE_ID": f"proof-rules-{tag}",
-            "CITYOPS_RULES_GROUP": f"proof-rules-{tag}",
+            "CITYOPS_RULES_GROUP": f"rules-proof-{tag}",  # under the rules principal's ACL
             "CITYOPS_RULES_GAUGE_REFRESH_S": "1",
             "CITYOPS_RULES_REGISTRY_REFRESH_S": "1",
             "CITYOPS_RULES_SESSION_TIMEOUT_MS": "6000",
@@ -277,7 +277,7 @@ def service_envs(
             "CITYOPS_INSTANCE_ID": f"proof-api-{tag}",
             "CITYOPS_API_HOST": "127.0.0.1",
             "CITYOPS_API_PORT": str(SCRAPED["cityops-api"]),
-            "CITYOPS_API_PROJECTOR_GROUP": f"proof-api-{tag}",
+            "CITYOPS_API_PROJECTOR_GROUP": f"api-projector-proof-{tag}",  # the API's ACL
             "CITYOPS_API_PROJECTOR_FETCH_TIMEOUT_MS": "200",
             "CITYOPS_API_BOOTSTRAP_KEY": stack_env["CITYOPS_API_BOOTSTRAP_KEY"],
         },

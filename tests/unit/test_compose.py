@@ -29,6 +29,7 @@ SETTINGS = {
     "simulator": "cityops.simulator.settings:SimulatorSettings",
     "migrate": "cityops.common.migrate:MigrateSettings",
     "mqtt-init": "cityops.common.mqtt_accounts:ServiceAccountSettings",
+    "kafka-init": "cityops.stack.kafka_principals:ProvisionSettings",
 }
 
 # A9: the same ports on loopback natively and published by compose.
@@ -214,3 +215,48 @@ def test_compose_broker_runs_the_auth_plugin_like_the_native_one() -> None:
     assert compose["plugin_opt_device_password_file"] == "/mosquitto/auth/devices.passwd"
     api = environment("api")
     assert api["CITYOPS_MQTT_DEVICE_PASSWORD_FILE"] == compose["plugin_opt_device_password_file"]
+
+
+def _kafka_env_property(name: str) -> str:
+    # apache/kafka maps KAFKA_A_B___C__D to a.b-c_d
+    body = name.removeprefix("KAFKA_").lower()
+    return body.replace("___", "-").replace("__", "\0").replace("_", ".").replace("\0", "_")
+
+
+def test_compose_kafka_has_the_native_stacks_security_settings(tmp_path: Path) -> None:
+    from cityops.stack import kafka
+    from cityops.stack.layout import StackPaths
+
+    rendered = kafka.server_properties(
+        kafka.KafkaLayout(StackPaths(repo=tmp_path)), admin_password="pw"
+    )
+    native = dict(
+        line.split("=", 1) for line in rendered.splitlines() if line and not line.startswith("#")
+    )
+    compose = {
+        _kafka_env_property(k): v for k, v in environment("kafka").items() if k.startswith("KAFKA_")
+    }
+    security = [
+        k for k in native if k.startswith(("sasl.", "listener.", "authorizer", "super", "allow"))
+    ]
+    assert len(security) >= 10
+    for key in security:
+        if key.endswith("jaas.config"):
+            assert compose[key].split()[:3] == native[key].split()[:3], key
+            assert ("CITYOPS_ADMIN_KAFKA_PASSWORD" in compose[key]) == ("pw" in native[key]), key
+        else:
+            assert compose[key] == native[key], key
+    assert compose["inter.broker.listener.name"] == native["inter.broker.listener.name"]
+
+
+def test_each_service_container_has_its_own_kafka_principal() -> None:
+    principals = {
+        s: environment(s).get("CITYOPS_KAFKA_USERNAME") for s in ("ingest", "rules", "api")
+    }
+    assert principals == {"ingest": "ingest", "rules": "rules", "api": "api"}
+    for service in ("ingest", "rules", "api"):
+        password = environment(service)["CITYOPS_KAFKA_PASSWORD"]
+        assert password.startswith(f"${{CITYOPS_{service.upper()}_KAFKA_PASSWORD:?")
+        assert SERVICES[service]["depends_on"]["kafka-init"]["condition"] == (
+            "service_completed_successfully"
+        )

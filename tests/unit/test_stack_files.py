@@ -44,13 +44,13 @@ def test_pom_pins_kafka_4_and_the_log4j2_slf4j_binding() -> None:
 
 
 def test_server_properties_single_node_kraft(paths: StackPaths) -> None:
-    text = kafka.server_properties(kafka.KafkaLayout(paths))
+    text = kafka.server_properties(kafka.KafkaLayout(paths), admin_password="pw")
     settings = dict(
         line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#")
     )
     assert settings["process.roles"] == "broker,controller"
     assert settings["node.id"] == "1"
-    assert settings["listeners"] == "PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093"
+    assert settings["listeners"] == "BROKER://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093"
     assert settings["group.initial.rebalance.delay.ms"] == "0"
     assert settings["auto.create.topics.enable"] == "false"
     internal = [key for key in settings if key.endswith((".replication.factor", ".min.isr"))]
@@ -129,13 +129,27 @@ def test_prometheus_config_rendered_with_absolute_rules() -> None:
 
 
 def test_env_file_is_sourceable_by_bash(paths: StackPaths, tmp_path: Path) -> None:
-    secrets = StackSecrets("in-gest_1", "gate-way_2", "su_3", "db-4", "key_5", "graf-6", "disp-7")
+    secrets = StackSecrets(
+        "in-gest_1", "gate-way_2", "su_3", "db-4", "key_5", "graf-6", "disp-7",
+        "ka-7", "ki-8", "kr-9", "kp-0",
+    )  # fmt: skip
     text = render_env(paths, secrets)
     env_file = tmp_path / "cityops.env"
     env_file.write_text(text)
     parsed = parse_env_file(text)
     assert parsed["CITYOPS_DATABASE_URL"] == "postgresql://cityops:db-4@127.0.0.1:5432/cityops"
     assert parsed["CITYOPS_INGEST_MQTT_PASSWORD"] == "in-gest_1"
+    # every service its own Kafka principal; tools and tests the admin's
+    assert {
+        name: (parsed[f"CITYOPS_{name}_KAFKA_USERNAME"], parsed[f"CITYOPS_{name}_KAFKA_PASSWORD"])
+        for name in ("ADMIN", "INGEST", "RULES", "API")
+    } == {
+        "ADMIN": ("admin", "ka-7"),
+        "INGEST": ("ingest", "ki-8"),
+        "RULES": ("rules", "kr-9"),
+        "API": ("api", "kp-0"),
+    }
+    assert "CITYOPS_KAFKA_USERNAME" not in parsed  # no service may fall back to someone else's
     assert (
         parsed["CITYOPS_GRAFANA_DATABASE_URL"]
         == "postgresql://cityops_grafana:graf-6@127.0.0.1:5432/cityops"
