@@ -320,14 +320,7 @@ def scram_passwords(stack_secrets: StackSecrets) -> dict[str, str]:
 
 def default_topics() -> Topics:
     """The A4 topic names (CITYOPS_TOPIC_* or their defaults)."""
-    settings = KafkaSettings(kafka_bootstrap=BOOTSTRAP)
-    return Topics(
-        telemetry=settings.topic_telemetry,
-        status=settings.topic_status,
-        deadletter=settings.topic_deadletter,
-        tickets=settings.topic_tickets,
-        devices=settings.topic_devices,
-    )
+    return Topics.of(KafkaSettings(kafka_bootstrap=BOOTSTRAP))
 
 
 async def ensure_default_topics(access: KafkaAccess) -> list[str]:

@@ -35,11 +35,11 @@ from aiokafka.protocol.types import (
     Schema,
     TaggedFields,
 )
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import SecretStr
 
 from cityops.common.kafka import KafkaAccess, ensure_topics, kafka_admin
 from cityops.common.logs import configure_logging
+from cityops.common.settings import KafkaSettings
 from cityops.common.topics import DEADLETTER_TOPIC_CONFIG
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,17 @@ class Topics:
     deadletter: str = "city.deadletter.v1"
     tickets: str = "city.tickets.v1"
     devices: str = "city.devices.v1"
+
+    @classmethod
+    def of(cls, settings: KafkaSettings) -> Topics:
+        """The names `settings` give (CITYOPS_TOPIC_* or their defaults)."""
+        return cls(
+            telemetry=settings.topic_telemetry,
+            status=settings.topic_status,
+            deadletter=settings.topic_deadletter,
+            tickets=settings.topic_tickets,
+            devices=settings.topic_devices,
+        )
 
 
 def _topics(names: Iterable[str], *operations: Operation) -> list[Grant]:
@@ -252,22 +263,13 @@ async def provision(
     return len(bindings)
 
 
-class ProvisionSettings(BaseSettings):
+class ProvisionSettings(KafkaSettings):
     """`python -m cityops.stack.kafka_principals` (compose's kafka-init): who to create."""
 
-    model_config = SettingsConfigDict(env_prefix="CITYOPS_", extra="ignore", frozen=True)
-
-    kafka_bootstrap: str
     admin_kafka_password: SecretStr
     ingest_kafka_password: SecretStr
     rules_kafka_password: SecretStr
     api_kafka_password: SecretStr
-    topic_telemetry: str = Topics.telemetry
-    topic_status: str = Topics.status
-    topic_deadletter: str = Topics.deadletter
-    topic_tickets: str = Topics.tickets
-    topic_devices: str = Topics.devices
-    topic_partitions: int = Field(default=12, ge=1, le=1000)
 
 
 async def provision_from(settings: ProvisionSettings) -> None:
@@ -276,13 +278,7 @@ async def provision_from(settings: ProvisionSettings) -> None:
     access = KafkaAccess(
         settings.kafka_bootstrap, username="admin", password=admin, sasl_mechanism="PLAIN"
     )
-    topics = Topics(
-        telemetry=settings.topic_telemetry,
-        status=settings.topic_status,
-        deadletter=settings.topic_deadletter,
-        tickets=settings.topic_tickets,
-        devices=settings.topic_devices,
-    )
+    topics = Topics.of(settings)
     passwords = {
         "admin": admin,
         "ingest": settings.ingest_kafka_password.get_secret_value(),

@@ -39,13 +39,23 @@ async def test_a_built_consumer_carries_the_credentials() -> None:
     assert (client._security_protocol, client._sasl_plain_username) == ("SASL_PLAINTEXT", "api")
 
 
-def test_a_service_reads_its_own_principal_before_the_generic_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def generic_principal(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """A service environment with the generic principal set (and no service's own)."""
     monkeypatch.setenv("CITYOPS_KAFKA_BOOTSTRAP", "k:9092")
     monkeypatch.setenv("CITYOPS_DATABASE_URL", "postgresql://u:p@h/db")
     monkeypatch.setenv("CITYOPS_KAFKA_USERNAME", "generic")
     monkeypatch.setenv("CITYOPS_KAFKA_PASSWORD", "generic-pw")
+    for name in ("INGEST", "RULES", "API"):
+        for key in ("USERNAME", "PASSWORD"):
+            monkeypatch.delenv(f"CITYOPS_{name}_KAFKA_{key}", raising=False)
+    return monkeypatch
+
+
+def test_a_service_reads_its_own_principal_before_the_generic_one(
+    generic_principal: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch = generic_principal
     monkeypatch.setenv("CITYOPS_RULES_KAFKA_USERNAME", "rules")
     monkeypatch.setenv("CITYOPS_RULES_KAFKA_PASSWORD", "rules-pw")
     monkeypatch.setenv("CITYOPS_API_KAFKA_USERNAME", "api")
@@ -60,15 +70,8 @@ def test_a_service_reads_its_own_principal_before_the_generic_one(
     assert KafkaAccess.from_settings(explicit).username == "other"
 
 
-def test_without_its_own_principal_a_service_uses_the_generic_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("CITYOPS_KAFKA_BOOTSTRAP", "k:9092")
-    monkeypatch.setenv("CITYOPS_DATABASE_URL", "postgresql://u:p@h/db")
-    monkeypatch.setenv("CITYOPS_KAFKA_USERNAME", "generic")
-    monkeypatch.setenv("CITYOPS_KAFKA_PASSWORD", "generic-pw")
-    monkeypatch.delenv("CITYOPS_RULES_KAFKA_USERNAME", raising=False)
-    monkeypatch.delenv("CITYOPS_RULES_KAFKA_PASSWORD", raising=False)
+@pytest.mark.usefixtures("generic_principal")
+def test_without_its_own_principal_a_service_uses_the_generic_one() -> None:
     access = KafkaAccess.from_settings(RulesSettings())
     assert (access.username, access.password, access.protocol) == (
         "generic",
