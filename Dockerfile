@@ -2,14 +2,12 @@
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY services ./services
-COPY deploy/rules ./deploy/rules
+COPY cityops ./cityops
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 10001 --home-dir /app cityops
 COPY --from=build /install /usr/local
-COPY deploy/rules /app/deploy/rules
 WORKDIR /app
 USER cityops
 ENV PYTHONUNBUFFERED=1 CITYOPS_LOG_FORMAT=json

@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
 	@touch $@
 
 stack-up: install
@@ -43,9 +43,9 @@ test-unit: install
 	$(BIN)/pytest -q tests/unit
 
 lint: install
-	$(BIN)/ruff check services tests
-	$(BIN)/ruff format --check services tests
-	$(BIN)/mypy .typecheck/cityops tests
+	$(BIN)/ruff check cityops tests
+	$(BIN)/ruff format --check cityops tests
+	$(BIN)/mypy cityops tests
 
 schemas: install
 	$(BIN)/python -m cityops.common.schemas docs/schemas

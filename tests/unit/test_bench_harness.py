@@ -117,12 +117,12 @@ def test_report_marks_targets_and_unimplemented_suites() -> None:
             SuiteResult(
                 "e2e",
                 "End to end",
-                "services/bench/e2e.py",
+                "cityops/bench/e2e.py",
                 runs=[{"state_p99_ms": 80.0}, {"state_p99_ms": 120.0}, {"state_p99_ms": 90.0}],
                 targets={"state_p99_ms": ("<=", 100.0)},
             ),
             SuiteResult(
-                "api", "API", "services/api/bench.py", status="not yet implemented", detail="none"
+                "api", "API", "cityops/api/bench.py", status="not yet implemented", detail="none"
             ),
         ],
         duration_s=12.0,

@@ -48,7 +48,7 @@ def build_module() -> ModuleType:
 def known_metrics() -> set[str]:
     """Names the services export (from their source) plus the recording rules' names."""
     names = {"up"}
-    for path in (REPO / "services").rglob("*.py"):
+    for path in (REPO / "cityops").rglob("*.py"):
         for name in DEFINED_METRIC.findall(path.read_text(encoding="utf-8")):
             names |= {name, f"{name}_total"}
     names |= {query.title for query in rule_queries() if ":" in query.title}

@@ -63,9 +63,11 @@ def test_shipped_defaults_are_a6() -> None:
     assert rules["device_offline"].params["intervals"] == 3
 
 
-def test_packaged_file_is_the_deploy_file() -> None:
-    deploy = Path(__file__).resolve().parents[2] / "deploy" / "rules" / "default.yaml"
-    assert default_rules_path().read_bytes() == deploy.read_bytes()
+def test_default_rules_are_package_data() -> None:
+    import cityops.rules
+
+    assert default_rules_path().parent == Path(cityops.rules.__file__).resolve().parent
+    assert default_rules_path().is_file()
 
 
 @pytest.mark.parametrize(

@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import cityops
 
 
 class StackError(Exception):
     """A problem the user must fix; `cityops stack` prints it as one line and exits 1."""
 
 
+CHECKOUT_ENV = "CITYOPS_CHECKOUT"
+
+
+def _is_checkout(path: Path) -> bool:
+    return (path / "pyproject.toml").is_file() and (path / "deploy").is_dir()
+
+
 def repo_root() -> Path:
-    """The checkout: `services/` is the `cityops` package, its parent holds `deploy/`, `.stack/`."""
-    return Path(cityops.__file__).resolve().parent.parent
+    """The checkout the stack runs from (it holds `deploy/` and `.stack/`).
+
+    `CITYOPS_CHECKOUT` when set, else the nearest directory at or above the working directory
+    that holds `pyproject.toml` and `deploy/`; never derived from where the package is installed.
+    """
+    explicit = os.environ.get(CHECKOUT_ENV)
+    if explicit:
+        root = Path(explicit).resolve()
+        if not _is_checkout(root):
+            raise StackError(f"{CHECKOUT_ENV}={explicit} is not a cityops checkout (no deploy/)")
+        return root
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if _is_checkout(candidate):
+            return candidate
+    raise StackError(
+        f"no cityops checkout at or above {here}: run from the checkout or set {CHECKOUT_ENV}"
+    )
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def server_properties(
         "broker.session.timeout.ms": "3000",
         "num.recovery.threads.per.data.dir": "4",
     }
-    header = "# written by `cityops stack up`; edit services/stack/kafka.py, not this file\n"
+    header = "# written by `cityops stack up`; edit cityops/stack/kafka.py, not this file\n"
     return header + "".join(f"{key}={value}\n" for key, value in settings.items())
 
 

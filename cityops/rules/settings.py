@@ -19,7 +19,7 @@ class RulesSettings(KafkaSettings, DatabaseSettings, MetricsSettings):
     metrics_port: int = Field(default=9102, ge=0, le=65535)
     rules_group: str = Field(default="rules", min_length=1, max_length=200)
     rules_file: Path | None = Field(
-        default=None, description="YAML rule file; the shipped deploy/rules/default.yaml if unset"
+        default=None, description="YAML rule file; the shipped cityops/rules/default.yaml if unset"
     )
     # Default location: Amsterdam, Dam square. Only the dusk-dawn schedule (lamp_out) uses it.
     city_lat: float = Field(default=52.3731, ge=-90, le=90)

@@ -111,7 +111,7 @@ async def run_service_suite(
     suite: ServiceSuite, env: Mapping[str, str], *, quick: bool, runs: int
 ) -> SuiteResult:
     """Run one service's benchmark `runs` times; failures are reported, not papered over."""
-    source = f"services/{suite.service}/bench.py: {suite.function}()"
+    source = f"cityops/{suite.service}/bench.py: {suite.function}()"
     entry = find_entry_point(suite)
     if entry is None:
         return SuiteResult(

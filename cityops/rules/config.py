@@ -158,7 +158,7 @@ class RuleSet:
 
 
 def default_rules_path() -> Path:
-    """The shipped rule file (deploy/rules/default.yaml, packaged as cityops/rules/default.yaml)."""
+    """The shipped rule file (cityops/rules/default.yaml, package data)."""
     return Path(str(resources.files("cityops.rules") / "default.yaml"))
 
 

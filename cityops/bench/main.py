@@ -64,7 +64,7 @@ async def run_e2e_suite(env: Mapping[str, str], *, quick: bool, runs: int) -> Su
     base = e2e.QUICK if quick else e2e.FULL
     config = dataclasses.replace(base, windows=runs)
     title = "End to end: sensor publish -> state / ticket visible in the API"
-    source = "services/bench/e2e.py: run_e2e_bench()"
+    source = "cityops/bench/e2e.py: run_e2e_bench()"
     try:
         windows, pooled = await e2e.run_e2e_bench(env, config=config)
     except Exception as exc:  # the report says what broke instead of inventing numbers

@@ -84,11 +84,11 @@ def git_commit(repo: Path) -> str:
     """The checked-out commit, marked dirty when tracked files changed."""
     head = _command_version(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], r"(\w+)")
     dirty = subprocess.run(  # noqa: S603 - fixed argv
-        ["git", "-C", str(repo), "diff", "--quiet", "HEAD", "--", "services"],  # noqa: S607
+        ["git", "-C", str(repo), "diff", "--quiet", "HEAD", "--", "cityops"],  # noqa: S607
         capture_output=True,
         check=False,
     )
-    return head + (" (+ uncommitted changes in services/)" if dirty.returncode == 1 else "")
+    return head + (" (+ uncommitted changes in cityops/)" if dirty.returncode == 1 else "")
 
 
 async def versions(*, database_url: str | None, stack_dir: Path, repo: Path) -> dict[str, Any]:

@@ -77,7 +77,7 @@ def _settings_text(layout: PostgresLayout) -> str:
     settings["unix_socket_directories"] = (
         f"'{socket_dir}'" if len(socket_dir) <= _MAX_SOCKET_DIR else "''"
     )
-    header = "# written by `cityops stack up` (services/stack/postgres.py)\n"
+    header = "# written by `cityops stack up` (cityops/stack/postgres.py)\n"
     return header + "".join(f"{key} = {value}\n" for key, value in settings.items())
 
 
