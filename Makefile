@@ -49,6 +49,7 @@ lint: install
 
 schemas: install
 	$(BIN)/python -m cityops.common.schemas docs/schemas
+	$(BIN)/python -m cityops.api.openapi docs/openapi.json
 
 up: install stack-up migrate
 	$(BIN)/cityops stack services up
