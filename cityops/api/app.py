@@ -14,10 +14,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cityops.api import routes_devices, routes_districts, routes_keys, routes_stream, routes_tickets
 from cityops.api.context import ApiContext
+from cityops.api.devices import routes as routes_devices
+from cityops.api.districts import routes as routes_districts
+from cityops.api.http.problems import PROBLEM_JSON, install_problem_handlers, problem_body
+from cityops.api.keys import routes as routes_keys
 from cityops.api.metrics import ApiMetrics
-from cityops.api.problems import PROBLEM_JSON, install_problem_handlers, problem_body
+from cityops.api.stream import routes as routes_stream
+from cityops.api.tickets import routes as routes_tickets
 
 _DESCRIPTION = """
 The live city: devices with their latest state, readings history, maintenance tickets,

@@ -36,7 +36,7 @@ from aiokafka.admin import NewTopic
 from prometheus_client import CollectorRegistry
 
 from cityops.api.metrics import create_metrics
-from cityops.api.projector import Projector
+from cityops.api.projector.consumer import Projector
 from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_producer, scratch_topic
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations

@@ -10,13 +10,13 @@ import asyncpg
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from cityops.api.auth import Authenticator, Principal, Scope, bearer_token, require_scope
-from cityops.api.cache import TtlCache
+from cityops.api.devices.credentials import CredentialStore
+from cityops.api.http.auth import Authenticator, Principal, Scope, bearer_token, require_scope
+from cityops.api.http.cache import TtlCache
 from cityops.api.metrics import ApiMetrics
-from cityops.api.provisioning import CredentialStore
-from cityops.api.publisher import EventPublisher
+from cityops.api.outbox.relay import EventPublisher
 from cityops.api.settings import ApiSettings
-from cityops.api.stream import Broadcaster
+from cityops.api.stream.broadcaster import Broadcaster
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 

@@ -22,18 +22,19 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
-from cityops.api import store_devices, store_keys
 from cityops.api.app import create_app
-from cityops.api.auth import Authenticator, Principal, effective_scopes
-from cityops.api.cache import TtlCache
 from cityops.api.context import ApiContext
-from cityops.api.key_usage import KeyUsage, run_key_usage
+from cityops.api.devices import store as store_devices
+from cityops.api.devices.credentials import BrokerFiles, CredentialStore
+from cityops.api.http.auth import Authenticator, Principal, effective_scopes
+from cityops.api.http.cache import TtlCache
+from cityops.api.keys import store as store_keys
+from cityops.api.keys.usage import KeyUsage, run_key_usage
 from cityops.api.metrics import ApiMetrics, create_metrics
-from cityops.api.projector import Projector
-from cityops.api.provisioning import BrokerFiles, CredentialStore
-from cityops.api.publisher import EventPublisher
+from cityops.api.outbox.relay import EventPublisher
+from cityops.api.projector.consumer import Projector
 from cityops.api.settings import ApiSettings
-from cityops.api.stream import Broadcaster
+from cityops.api.stream.broadcaster import Broadcaster
 from cityops.common.city_metrics import run_city_metrics
 from cityops.common.kafka import KafkaAccess, ensure_topics, kafka_producer
 from cityops.common.logs import configure_logging

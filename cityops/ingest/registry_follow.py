@@ -44,7 +44,7 @@ _START_TIMEOUT_S = 30.0
 
 
 class _DeviceDocument(BaseModel):
-    """The fields of the API's device document (cityops/api/publisher.py) ingest uses."""
+    """The fields of the API's device document (cityops/api/outbox/relay.py) ingest uses."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 

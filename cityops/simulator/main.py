@@ -23,7 +23,7 @@ from asyncpg import PostgresError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
-from cityops.api.provisioning import BrokerFiles
+from cityops.api.devices.credentials import BrokerFiles
 from cityops.common.kinds import RejectReason
 from cityops.common.logs import configure_logging
 from cityops.common.ops import serve_ops, stop_on_signals

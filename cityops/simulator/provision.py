@@ -19,8 +19,13 @@ import asyncpg
 import httpx
 import orjson
 
-from cityops.api.provisioning import CREDENTIALS_LOCK, BrokerFiles, apply_to_files, new_password
-from cityops.api.store_devices import insert_credentials
+from cityops.api.devices.credentials import (
+    CREDENTIALS_LOCK,
+    BrokerFiles,
+    apply_to_files,
+    new_password,
+)
+from cityops.api.devices.store import insert_credentials
 from cityops.common import mqtt_auth
 from cityops.common.registry import upsert_devices
 from cityops.simulator.city import City, District

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cityops.api.provisioning import BrokerFiles, apply_to_files
+from cityops.api.devices.credentials import BrokerFiles, apply_to_files
 from cityops.common import mqtt_auth
 from cityops.stack import mosquitto
 from cityops.stack.credentials import DISPATCHER_USER, GATEWAY_USER, INGEST_USER

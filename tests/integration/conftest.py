@@ -36,7 +36,7 @@ import pytest
 import pytest_asyncio
 from aiokafka.admin import NewTopic
 
-from cityops.api.provisioning import BrokerFiles, apply_to_files
+from cityops.api.devices.credentials import BrokerFiles, apply_to_files
 from cityops.common import mqtt_auth
 from cityops.common.kafka import kafka_admin
 from cityops.common.scratch import drop_database, quote_ident

@@ -22,7 +22,7 @@ import orjson
 from aiokafka.structs import ConsumerRecord
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from cityops.api.publisher import device_document
+from cityops.api.outbox.relay import device_document
 from cityops.common.kafka import KafkaAccess, kafka_consumer, kafka_producer
 from cityops.common.kinds import Kind
 from cityops.common.mqtt_sessions import purge_session as common_purge_session

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from cityops.api.params import encode_cursor
+from cityops.api.http.params import encode_cursor
 from tests.integration.api_support import ApiCase, RunningApi, open_ticket, run_api
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]

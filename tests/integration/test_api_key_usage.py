@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cityops.api.auth import hash_api_key
-from cityops.api.key_usage import KeyUsage
+from cityops.api.http.auth import hash_api_key
+from cityops.api.keys.usage import KeyUsage
 from tests.helpers import wait_for
 from tests.integration.api_support import ApiCase, RunningApi, run_api
 

@@ -21,11 +21,11 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from cityops.api import main as api_main
-from cityops.api import store_outbox
 from cityops.api.metrics import create_metrics
-from cityops.api.publisher import EventPublisher
+from cityops.api.outbox import store as store_outbox
+from cityops.api.outbox.relay import EventPublisher
+from cityops.api.outbox.store import OutboxEvent
 from cityops.api.settings import ApiSettings
-from cityops.api.store_outbox import OutboxEvent
 from cityops.common.kafka import KafkaAccess, kafka_consumer, kafka_producer
 from cityops.common.tickets import TicketEvent
 from tests.helpers import wait_for

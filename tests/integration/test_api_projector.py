@@ -13,8 +13,8 @@ from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from cityops.api.metrics import create_metrics
-from cityops.api.projection import fold, telemetry_row
-from cityops.api.projector import Projector, write_batch
+from cityops.api.projector.consumer import Projector, write_batch
+from cityops.api.projector.fold import fold, telemetry_row
 from cityops.common.events import StatusEvent, encode_status
 from cityops.common.kafka import kafka_consumer, kafka_producer
 from cityops.common.kinds import Kind
@@ -207,7 +207,7 @@ async def test_one_statement_writes_a_batch_and_a_replay_changes_nothing(
 async def test_partitions_ahead_and_per_kind_retention(database_url: str) -> None:
     from datetime import date
 
-    from cityops.api import store_state
+    from cityops.api.projector import store as store_state
     from cityops.common.kinds import Kind
 
     conn = await asyncpg.connect(database_url, server_settings={"timezone": "UTC"})

@@ -20,7 +20,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cityops.api.stream import StreamFilter
+from cityops.api.stream.broadcaster import StreamFilter
 from tests.helpers import wait_for
 from tests.integration.api_support import (
     BOOTSTRAP_KEY,

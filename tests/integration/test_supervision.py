@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from cityops.api import main as api_main
-from cityops.api.projector import Projector
+from cityops.api.projector.consumer import Projector
 from cityops.rules.config import load_rules
 from cityops.rules.consumer import RulesWorker
 from cityops.rules.main import run as run_rules

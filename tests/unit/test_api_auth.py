@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cityops.api.auth import (
+from cityops.api.http.auth import (
     Authenticator,
     Principal,
     Scope,
@@ -14,7 +14,7 @@ from cityops.api.auth import (
     new_api_key,
     require_scope,
 )
-from cityops.api.problems import Problem
+from cityops.api.http.problems import Problem
 
 
 def test_scopes_include_the_weaker_ones() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from cityops.api.cache import TtlCache
+from cityops.api.http.cache import TtlCache
 
 
 class Clock:

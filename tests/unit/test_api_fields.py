@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from cityops.api.fields import (
+from cityops.api.http.fields import (
     INT64_MAX,
     INT64_MIN,
     MAX_METADATA_DEPTH,
@@ -20,7 +20,7 @@ from cityops.api.fields import (
     json_value_problem,
     loads_exact,
 )
-from cityops.api.params import ParamError, decode_cursor, encode_cursor
+from cityops.api.http.params import ParamError, decode_cursor, encode_cursor
 
 _TEXT = TypeAdapter(SafeText)
 _METADATA = TypeAdapter(Metadata)

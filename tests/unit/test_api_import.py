@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cityops.api.provisioning import BrokerFiles, apply_to_files, new_password, parse_import
+from cityops.api.devices.credentials import BrokerFiles, apply_to_files, new_password, parse_import
 from cityops.common import mqtt_auth
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cityops.api.auth import Authenticator, Principal, effective_scopes, hash_api_key
-from cityops.api.key_usage import KeyUsage
-from cityops.api.problems import Problem
+from cityops.api.http.auth import Authenticator, Principal, effective_scopes, hash_api_key
+from cityops.api.http.problems import Problem
+from cityops.api.keys.usage import KeyUsage
 
 
 async def test_only_stored_keys_that_authenticate_are_recorded() -> None:

@@ -8,12 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from cityops.api.publisher import (
-    device_events,
-    next_backoff,
-    ticket_event,
-    tombstone_event,
-)
+from cityops.api.outbox.relay import device_events, next_backoff, ticket_event, tombstone_event
 from cityops.common.kinds import Priority, TicketStatus
 from cityops.common.tickets import TicketEvent
 

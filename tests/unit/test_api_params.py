@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cityops.api.params import (
+from cityops.api.http.params import (
     BBox,
     ParamError,
     check_bucket_count,

@@ -8,9 +8,9 @@ import httpx
 from fastapi import FastAPI, Query
 from pydantic import BaseModel
 
-from cityops.api.models import MEASURE_FIELDS
-from cityops.api.problems import Problem, field_errors, install_problem_handlers
-from cityops.api.routes_tickets import transition_action
+from cityops.api.devices.models import MEASURE_FIELDS
+from cityops.api.http.problems import Problem, field_errors, install_problem_handlers
+from cityops.api.tickets.routes import transition_action
 from cityops.common.kinds import Kind, TicketStatus
 
 

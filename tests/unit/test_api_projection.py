@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from cityops.api.projection import fold, reading_row, reading_values, telemetry_row
+from cityops.api.projector.fold import fold, reading_row, reading_values, telemetry_row
 from cityops.common.events import StatusEvent, TelemetryRecord, WastebinReading, encode_telemetry
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)

@@ -7,7 +7,12 @@ from typing import Any
 import orjson
 from aiokafka import ConsumerRecord
 
-from cityops.api.stream import EventDecoder, Interest, StreamEvent, StreamFilter
+from cityops.api.stream.broadcaster import (
+    EventDecoder,
+    Interest,
+    StreamEvent,
+    StreamFilter,
+)
 
 
 def rec(

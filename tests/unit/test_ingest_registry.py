@@ -28,7 +28,7 @@ def row(device_id: str, *, at: int, enabled: bool = True, kind: Kind = Kind.PARK
 
 
 def document(device_id: str, *, enabled: bool = True, kind: str = "parking") -> bytes:
-    """The API's device document (cityops/api/publisher.py device_document)."""
+    """The API's device document (cityops/api/outbox/relay.py device_document)."""
     return orjson.dumps(
         {
             "device_id": device_id,

@@ -42,12 +42,21 @@ def test_thirty_errors_a_second_become_one_line_per_interval_with_the_count() ->
 def test_kinds_are_counted_apart_and_info_is_never_filtered() -> None:
     clock = Clock()
     repeats = RepeatFilter(10.0, clock=clock)
-    assert repeats.filter(record("cityops.api.projector", "read-model write failed: %s", "x"))
+    assert repeats.filter(
+        record("cityops.api.projector.consumer", "read-model write failed: %s", "x")
+    )
     assert repeats.filter(record("cityops.rules.consumer", "read-model write failed: %s", "x"))
     assert repeats.filter(
-        record("cityops.api.projector", "read-model write failed: %s", "x", level=logging.WARNING)
+        record(
+            "cityops.api.projector.consumer",
+            "read-model write failed: %s",
+            "x",
+            level=logging.WARNING,
+        )
     )
-    assert not repeats.filter(record("cityops.api.projector", "read-model write failed: %s", "y"))
+    assert not repeats.filter(
+        record("cityops.api.projector.consumer", "read-model write failed: %s", "y")
+    )
     for _ in range(5):
         assert repeats.filter(record("cityops.api", "projected batch", level=logging.INFO))
 

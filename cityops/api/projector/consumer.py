@@ -27,10 +27,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
-from cityops.api import store_state
 from cityops.api.db import Conn
 from cityops.api.metrics import ApiMetrics
-from cityops.api.projection import ProjectionBatch, ReadingRow, fold, telemetry_row
+from cityops.api.projector import store as store_state
+from cityops.api.projector.fold import ProjectionBatch, ReadingRow, fold, telemetry_row
 from cityops.common.events import StatusEvent, decode_status
 from cityops.common.kafka import KafkaAccess, kafka_consumer
 from cityops.common.kinds import Kind

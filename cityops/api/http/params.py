@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 import orjson
 
-from cityops.api.fields import INT64_MAX, INT64_MIN, text_problem
+from cityops.api.http.fields import INT64_MAX, INT64_MIN, text_problem
 
 MAX_BUCKETS = 10_000
 MAX_WINDOW = timedelta(days=366)

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter
 
-from cityops.api import store_keys
+from cityops.api.keys import store as store_keys
 
 log = logging.getLogger(__name__)
 

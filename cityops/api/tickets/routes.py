@@ -10,19 +10,14 @@ import orjson
 from fastapi import APIRouter, Query
 from starlette.responses import Response
 
-from cityops.api import store_tickets
 from cityops.api.context import Context, Operator, Reader
-from cityops.api.models import (
-    District,
-    TicketDetail,
-    TicketOut,
-    TicketPage,
-    TransitionIn,
-)
-from cityops.api.params import ParamError, decode_cursor, encode_cursor
-from cityops.api.problems import Problem
-from cityops.api.responses import json_response
-from cityops.api.routes_devices import param_problem
+from cityops.api.devices.routes import param_problem
+from cityops.api.http.fields import District
+from cityops.api.http.params import ParamError, decode_cursor, encode_cursor
+from cityops.api.http.problems import Problem
+from cityops.api.http.responses import json_response
+from cityops.api.tickets import store as store_tickets
+from cityops.api.tickets.models import TicketDetail, TicketOut, TicketPage, TransitionIn
 from cityops.common.kinds import Kind, Priority, TicketStatus
 from cityops.common.tickets import TransitionError, check_transition, event_from_rows
 

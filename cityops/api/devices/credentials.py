@@ -24,10 +24,10 @@ import orjson
 from pydantic import ValidationError
 
 from cityops.api.db import Conn
-from cityops.api.fields import loads_exact, text_problem
+from cityops.api.devices.models import DeviceCreate
+from cityops.api.http.fields import loads_exact, text_problem
+from cityops.api.http.problems import field_errors
 from cityops.api.metrics import ApiMetrics
-from cityops.api.models import DeviceCreate
-from cityops.api.problems import field_errors
 from cityops.common import mqtt_auth
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,11 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from cityops.api import store_devices, store_outbox
 from cityops.api.db import Conn
+from cityops.api.devices import store as store_devices
 from cityops.api.metrics import ApiMetrics
-from cityops.api.store_outbox import OutboxEvent
+from cityops.api.outbox import store as store_outbox
+from cityops.api.outbox.store import OutboxEvent
 from cityops.common.tickets import TicketEvent
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import asyncpg
 import orjson
 
 from cityops.api.db import Conn, Executor, Params
-from cityops.api.params import BBox
+from cityops.api.http.params import BBox
 
 _DEVICE_COLUMNS = """
     d.device_id, d.kind, d.district, d.zone, d.lat, d.lon, d.reporting_interval_s,

@@ -8,11 +8,11 @@ import orjson
 from fastapi import APIRouter, Query
 from starlette.responses import Response
 
-from cityops.api import store_districts
 from cityops.api.context import Context, Reader
-from cityops.api.models import DistrictList, DistrictSummary
-from cityops.api.problems import Problem
-from cityops.api.responses import json_response
+from cityops.api.districts import store as store_districts
+from cityops.api.districts.models import DistrictList, DistrictSummary
+from cityops.api.http.problems import Problem
+from cityops.api.http.responses import json_response
 
 router = APIRouter(prefix="/v1", tags=["districts"])
 

@@ -1,36 +1,38 @@
-"""Request and response models of the HTTP API (separate create / update / public shapes)."""
+"""Request and response models of devices and their readings."""
 
 from __future__ import annotations
 
 import types
 import typing
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
 
-from cityops.api.fields import Metadata, SafeText
+from cityops.api.http.fields import (
+    DeviceId,
+    District,
+    Input,
+    Latitude,
+    Longitude,
+    Metadata,
+    ReportingInterval,
+    Zone,
+)
+from cityops.api.tickets.models import TicketBrief
 from cityops.common.events import (
     ManholeReading,
     ParkingReading,
     StreetlightReading,
     WastebinReading,
 )
-from cityops.common.kinds import Kind, Priority, TicketStatus
-from cityops.common.topics import DEVICE_ID_PATTERN, RESERVED_DEVICE_IDS, is_reserved_device_id
-
-DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN, min_length=3, max_length=64)]
-District = Annotated[SafeText, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
-Zone = Annotated[SafeText, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
-Latitude = Annotated[float, Field(ge=-90, le=90)]
-Longitude = Annotated[float, Field(ge=-180, le=180)]
-ReportingInterval = Annotated[int, Field(ge=1, le=604_800)]
+from cityops.common.kinds import Kind
+from cityops.common.topics import RESERVED_DEVICE_IDS, is_reserved_device_id
 
 _READING_MODELS: dict[Kind, type[BaseModel]] = {
     Kind.STREETLIGHT: StreetlightReading,
@@ -63,11 +65,7 @@ MEASURE_FIELDS: dict[Kind, frozenset[str]] = {
 }
 
 
-class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class DeviceCreate(_Input):
+class DeviceCreate(Input):
     """A device to provision."""
 
     device_id: DeviceId
@@ -96,7 +94,7 @@ class DeviceCreate(_Input):
         return self
 
 
-class DevicePatch(_Input):
+class DevicePatch(Input):
     """Fields of a device that may change (id and kind never do)."""
 
     district: District | None = None
@@ -123,19 +121,6 @@ class ConnectivityOut(BaseModel):
     online: bool
     last_seen_at: datetime
     changed_at: datetime
-
-
-class TicketBrief(BaseModel):
-    """An open ticket, as listed on its device."""
-
-    id: int
-    rule: str
-    priority: Priority
-    status: TicketStatus
-    department: str
-    opened_at: datetime
-    due_at: datetime
-    version: int
 
 
 class DeviceOut(BaseModel):
@@ -241,138 +226,3 @@ class ReadingsOut(BaseModel):
     bucket_s: int | None
     points: list[ReadingPoint] | None
     buckets: list[ReadingBucket] | None
-
-
-class TicketOut(BaseModel):
-    """A maintenance ticket (A7)."""
-
-    id: int
-    device_id: str
-    kind: str
-    district: str
-    rule: str
-    priority: Priority
-    department: str
-    status: TicketStatus
-    opened_at: datetime
-    due_at: datetime
-    acknowledged_at: datetime | None
-    resolved_at: datetime | None
-    closed_at: datetime | None
-    assignee: str | None
-    occurrences: int
-    last_seen_at: datetime
-    details: dict[str, Any]
-    resolution: str | None
-    escalations: int
-    version: int
-    overdue: bool
-
-
-class TransitionOut(BaseModel):
-    """One audit-log row of a ticket."""
-
-    id: int
-    at: datetime
-    action: str
-    from_status: TicketStatus | None
-    to_status: TicketStatus
-    from_priority: Priority | None
-    to_priority: Priority
-    actor: str
-    version: int
-    details: dict[str, Any]
-
-
-class TicketDetail(TicketOut):
-    """A ticket with its audit log."""
-
-    transitions: list[TransitionOut]
-
-
-class TicketPage(BaseModel):
-    """One page of tickets, newest first."""
-
-    items: list[TicketOut]
-    next_cursor: str | None
-
-
-class TransitionIn(_Input):
-    """Move a ticket to a new status; `version` must be the ticket's current version."""
-
-    to: TicketStatus
-    version: int = Field(ge=1, le=2**31 - 1)
-    assignee: Annotated[SafeText, Field(min_length=1, max_length=128)] | None = None
-    resolution: Annotated[SafeText, Field(min_length=1, max_length=200)] | None = None
-    note: Annotated[SafeText, Field(max_length=2000)] | None = None
-
-
-class DistrictOut(BaseModel):
-    """A district and how many devices of each kind it has."""
-
-    district: str
-    name: str | None
-    devices: int
-    by_kind: dict[str, int]
-
-
-class DistrictList(BaseModel):
-    """Every district with devices or settings."""
-
-    items: list[DistrictOut]
-
-
-class DistrictSummary(BaseModel):
-    """The KPIs of one district (A8)."""
-
-    district: str
-    devices: int
-    devices_online: int
-    lights_reporting: int
-    lights_working: int
-    lights_working_pct: float | None
-    bins_reporting: int
-    bins_full: int
-    bins_full_pct: float | None
-    parking_reporting: int
-    parking_occupied: int
-    parking_occupancy_pct: float | None
-    open_tickets_by_priority: dict[str, int]
-    overdue_tickets: int
-    sla_window_days: int
-    resolved_in_window: int
-    resolved_within_sla: int
-    sla_compliance_pct: float | None
-    computed_at: datetime
-
-
-class ApiKeyCreate(_Input):
-    """A new API key."""
-
-    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-    scopes: list[Literal["read", "operate", "admin"]] = Field(min_length=1, max_length=3)
-
-
-class ApiKeyOut(BaseModel):
-    """An API key's public facts (never the key)."""
-
-    name: str
-    scopes: list[str]
-    created_at: datetime
-    revoked_at: datetime | None
-    last_used_at: datetime | None = Field(
-        description="Last authenticated use, written by each replica at most every"
-        " CITYOPS_API_KEY_USAGE_FLUSH_S (null: never used)."
-    )
-
-
-class ApiKeyCreated(ApiKeyOut):
-    """A created key: `key` is shown once and stored only as a hash."""
-
-    key: str
-
-
-class ApiKeyList(BaseModel):
-    """Every API key."""
-
-    items: list[ApiKeyOut]

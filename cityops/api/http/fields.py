@@ -14,7 +14,9 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from pydantic import AfterValidator, AwareDatetime
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+
+from cityops.common.topics import DEVICE_ID_PATTERN
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -123,3 +125,18 @@ def check_instant(value: datetime) -> datetime:
 SafeText = Annotated[str, AfterValidator(check_text)]
 Metadata = Annotated[dict[str, Any], AfterValidator(check_metadata)]
 Instant = Annotated[AwareDatetime, AfterValidator(check_instant)]
+
+
+# Field types shared by the domains' models.
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN, min_length=3, max_length=64)]
+District = Annotated[SafeText, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
+Zone = Annotated[SafeText, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
+Latitude = Annotated[float, Field(ge=-90, le=90)]
+Longitude = Annotated[float, Field(ge=-180, le=180)]
+ReportingInterval = Annotated[int, Field(ge=1, le=604_800)]
+
+
+class Input(BaseModel):
+    """Base of every request body: unknown fields and non-finite numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)

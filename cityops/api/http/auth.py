@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from cityops.api.problems import Problem
+from cityops.api.http.problems import Problem
 
 KEY_PREFIX = "cok_"
 MAX_KEY_LENGTH = 256

@@ -12,9 +12,13 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from cityops.api.context import Context, Reader
-from cityops.api.models import District
-from cityops.api.problems import PROBLEM_JSON, Problem
-from cityops.api.stream import ResumeRefusedError, StreamFilter, Subscription
+from cityops.api.http.fields import District
+from cityops.api.http.problems import PROBLEM_JSON, Problem
+from cityops.api.stream.broadcaster import (
+    ResumeRefusedError,
+    StreamFilter,
+    Subscription,
+)
 from cityops.common.kinds import Kind
 
 router = APIRouter(prefix="/v1", tags=["stream"])

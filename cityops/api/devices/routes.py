@@ -11,10 +11,18 @@ import asyncpg
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 
-from cityops.api import store_devices, store_readings
 from cityops.api.context import Admin, Context, Reader
-from cityops.api.fields import Instant
-from cityops.api.models import (
+from cityops.api.devices import readings as store_readings
+from cityops.api.devices import store as store_devices
+from cityops.api.devices.credentials import (
+    ParsedImport,
+    RowError,
+    new_password,
+    parse_import,
+    row_error,
+    row_errors_json,
+)
+from cityops.api.devices.models import (
     MEASURE_FIELDS,
     DeviceCreate,
     DeviceDetail,
@@ -22,12 +30,12 @@ from cityops.api.models import (
     DevicePage,
     DevicePatch,
     DeviceProvisioned,
-    District,
     ImportResult,
     MqttCredentials,
     ReadingsOut,
 )
-from cityops.api.params import (
+from cityops.api.http.fields import District, Instant
+from cityops.api.http.params import (
     ParamError,
     check_bucket_count,
     decode_cursor,
@@ -36,16 +44,8 @@ from cityops.api.params import (
     parse_bucket,
     resolve_window,
 )
-from cityops.api.problems import Problem
-from cityops.api.provisioning import (
-    ParsedImport,
-    RowError,
-    new_password,
-    parse_import,
-    row_error,
-    row_errors_json,
-)
-from cityops.api.responses import json_response
+from cityops.api.http.problems import Problem
+from cityops.api.http.responses import json_response
 from cityops.common.kinds import Kind
 from cityops.common.topics import status_topic, telemetry_topic
 

@@ -7,11 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from cityops.api import store_keys
-from cityops.api.auth import hash_api_key, new_api_key
 from cityops.api.context import Admin, Context
-from cityops.api.models import ApiKeyCreate, ApiKeyCreated, ApiKeyList
-from cityops.api.problems import Problem
+from cityops.api.http.auth import hash_api_key, new_api_key
+from cityops.api.http.problems import Problem
+from cityops.api.keys import store as store_keys
+from cityops.api.keys.models import ApiKeyCreate, ApiKeyCreated, ApiKeyList
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["api keys"])

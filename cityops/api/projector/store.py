@@ -6,7 +6,7 @@ from collections.abc import Collection, Mapping
 from datetime import date, timedelta
 
 from cityops.api.db import Conn
-from cityops.api.projection import ConnectivityRow, ReadingRow
+from cityops.api.projector.fold import ConnectivityRow, ReadingRow
 from cityops.common.kinds import Kind
 
 

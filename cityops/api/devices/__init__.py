@@ -1,0 +1,1 @@
+"""Devices: registry writes, MQTT credentials, state and readings history."""

@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by every API domain: auth, problems, parameters, responses, cache."""

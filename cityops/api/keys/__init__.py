@@ -1,0 +1,1 @@
+"""API keys: admin routes, storage and last-use tracking."""

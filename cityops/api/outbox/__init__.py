@@ -1,0 +1,1 @@
+"""The API's outbox table and the relay that publishes it to Kafka."""

@@ -1,0 +1,1 @@
+"""The read model: Kafka telemetry and status folded into PostgreSQL."""

@@ -1,0 +1,1 @@
+"""`/v1/stream`: server-sent events from Kafka."""

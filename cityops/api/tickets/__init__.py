@@ -1,0 +1,1 @@
+"""Tickets: lists, detail and operator transitions."""
