@@ -43,9 +43,9 @@ test-unit: install
 	$(BIN)/pytest -q tests/unit
 
 lint: install
-	$(BIN)/ruff check cityops tests
-	$(BIN)/ruff format --check cityops tests
-	$(BIN)/mypy cityops tests
+	$(BIN)/ruff check cityops bench tests
+	$(BIN)/ruff format --check cityops bench tests
+	$(BIN)/mypy cityops bench tests
 
 schemas: install
 	$(BIN)/python -m cityops.common.schemas docs/schemas
@@ -59,7 +59,7 @@ down: install
 	$(BIN)/cityops stack down
 
 bench: install stack-up migrate
-	$(BIN)/cityops bench --out docs/benchmarks.md
+	$(BIN)/python -m bench --out docs/benchmarks.md
 
 bench-quick: install stack-up migrate
-	$(BIN)/cityops bench --quick --out /tmp/cityops-bench-quick.md
+	$(BIN)/python -m bench --quick --out /tmp/cityops-bench-quick.md

@@ -13,7 +13,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("cityops.simulator.main", "run a simulated fleet of city devices"),
     "migrate": ("cityops.common.migrate", "apply database migrations"),
     "stack": ("cityops.stack.main", "install, start, stop the native infrastructure stack"),
-    "bench": ("cityops.bench.main", "run the benchmarks and write docs/benchmarks.md"),
 }
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from cityops.bench.e2e import E2EConfig, run_e2e_bench
+from bench.e2e import E2EConfig, run_e2e_bench
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mqtt, pytest.mark.postgres]
 

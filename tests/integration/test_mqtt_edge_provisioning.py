@@ -25,7 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from cityops.stack.bench import connect_packet
+from bench.broker import connect_packet
 from cityops.stack.layout import StackPaths, repo_root
 from cityops.stack.mosquitto_instance import BrokerInstance
 from tests.helpers import MqttTestClient, wait_for

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from cityops.api.bench import _percentile, _quiet_collector
+from bench.api import _percentile, _quiet_collector
 
 
 def test_quiet_collector_freezes_the_heap_reports_full_collections_and_restores() -> None:

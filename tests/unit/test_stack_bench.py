@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cityops.stack.bench import _remaining_length, connect_packet
+from bench.broker import _remaining_length, connect_packet
 from cityops.stack.mosquitto_instance import render_instance_conf
 
 

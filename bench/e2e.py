@@ -32,7 +32,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 
-from cityops.bench.stats import percentile
+from bench.report import SuiteResult
+from bench.stats import is_number, percentile
 from cityops.common.kafka import KafkaAccess, kafka_admin, kafka_consumer, scratch_topic
 from cityops.common.kinds import Kind
 from cityops.common.migrate import apply_migrations
@@ -59,6 +60,7 @@ from cityops.simulator.publisher import MqttPublisher, PublishStats
 log = logging.getLogger(__name__)
 
 PROBE_DISTRICT = "bench-probe"
+E2E_TARGETS = {"state_p99_ms": ("<=", 100.0), "ticket_p99_ms": ("<=", 250.0)}
 TOPIC_PARTITIONS = 12
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -668,3 +670,61 @@ async def run_e2e_bench(  # noqa: PLR0915 - one setup/measure/teardown script re
         await drop_database(admin_db, db_name)
         await admin_db.close()
         log.info("e2e logs kept in %s", logs)
+
+
+async def run_e2e_suite(
+    env: Mapping[str, str],
+    *,
+    quick: bool,
+    runs: int,
+    devices_per_kind: int | None = None,
+    rate: float | None = None,
+    warmup_s: float | None = None,
+    window_s: float | None = None,
+    probe_bins: int | None = None,
+) -> SuiteResult:
+    """The end-to-end suite: `runs` measurement windows under one steady load; the options
+    given replace those of the quick or full size."""
+    base = QUICK if quick else FULL
+    config = replace(
+        base,
+        windows=runs,
+        devices_per_kind=base.devices_per_kind if devices_per_kind is None else devices_per_kind,
+        rate=base.rate if rate is None else rate,
+        warmup_s=base.warmup_s if warmup_s is None else warmup_s,
+        window_s=base.window_s if window_s is None else window_s,
+        probe_bins=base.probe_bins if probe_bins is None else probe_bins,
+    )
+    title = "End to end: sensor publish -> state / ticket visible in the API"
+    source = "bench/e2e.py: run_e2e_bench()"
+    try:
+        windows, pooled = await run_e2e_bench(env, config=config)
+    except Exception as exc:  # the report says what broke instead of inventing numbers
+        log.exception("e2e benchmark failed")
+        return SuiteResult("e2e", title, source, status="failed", detail=f"{exc}"[:1500])
+    notes = [
+        f"Load: `cityops simulate` with {pooled['devices']:,} devices at "
+        f"{config.rate:,.0f} msgs/s (gateway mode, QoS 1); ingest, rules and api as "
+        f"subprocesses on a fresh database and fresh topics; {config.windows} windows of "
+        f"{config.window_s:.0f} s after {config.warmup_s:.0f} s of warm-up.",
+        f"Probes: {config.probe_bins} extra bins in district `{PROBE_DISTRICT}`, one probe "
+        f"every {config.probe_interval_s:g} s alternating state and ticket (bin_fire); while a "
+        "probe is pending the API is polled every "
+        f"{config.poll_interval_s * 1000:g} ms (`GET /v1/devices/{{id}}` of the pending bin for "
+        "state, `GET /v1/tickets?district=` for tickets, each on its own loop), so latencies "
+        "are upper bounds (true value up to one poll interval + one request less).",
+        "Pooled over all windows: "
+        + ", ".join(
+            f"{key} {value:g}" if is_number(value) else f"{key} {value}"
+            for key, value in pooled.items()
+        )
+        + ".",
+        "`stream_*` are the same probes seen on `/v1/stream` (Server-Sent Events, fed from "
+        "Kafka by the API): no polling error, but before the state is written to PostgreSQL.",
+        "`mqtt_puback_*` is the broker's publish -> PUBACK time for the probes: when it has "
+        "seconds-long outliers, the broker itself stalled (e.g. while saving its persistence "
+        "file) and every path downstream inherits them.",
+        "`pipeline_msgs_per_s` counts records reaching the telemetry topic during the window; "
+        "`cpu_*_pct` is CPU time of each process over the window (100 = one core).",
+    ]
+    return SuiteResult("e2e", title, source, runs=windows, notes=notes, targets=E2E_TARGETS)

@@ -2,7 +2,7 @@
 
 Same run, same queued-session setup, baseline: `mosquitto_sub` (C client) piped into
 `kcat -P` -- no validation, no ack discipline. `run_ingest_bench()` returns the numbers as a dict
-for `cityops bench`; `python -m cityops.ingest.bench` prints them as JSON.
+for `make bench`; `python -m bench.ingest` prints them as JSON.
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ async def run_ingest_bench(  # noqa: PLR0915 - one linear script, easier to read
 
 
 def main() -> None:
-    """`python -m cityops.ingest.bench [count] [protocol] [replicas]` with the stack's env."""
+    """`python -m bench.ingest [count] [protocol] [replicas]` with the stack's env."""
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
     protocol = sys.argv[2] if len(sys.argv) > 2 else "3.1.1"
     replicas = int(sys.argv[3]) if len(sys.argv) > 3 else 1

@@ -3,8 +3,8 @@ until its group has committed the end of every partition (tickets and state writ
 
 Same run, same topic, baseline: `kcat -C` reading the topic end to end (no parsing, no rules,
 no database). A second phase spreads the readings over 100k devices to measure the memory of
-that many devices' state. `run_rules_bench()` returns the numbers for `cityops bench`;
-`python -m cityops.rules.bench [--quick]` prints them as JSON.
+that many devices' state. `run_rules_bench()` returns the numbers for `make bench`;
+`python -m bench.rules [--quick]` prints them as JSON.
 """
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ async def run_rules_bench(
 
 
 def main() -> None:
-    """`python -m cityops.rules.bench [--quick]`: print the results as JSON."""
+    """`python -m bench.rules [--quick]`: print the results as JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()

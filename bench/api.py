@@ -1,12 +1,12 @@
 """API benchmark: read latency at a fixed request rate with 100k devices, and projector drain.
 
-`run_api_bench(env, quick=...)` (called by `cityops bench`) builds a fresh database, registers
+`run_api_bench(env, quick=...)` (the `api` suite of `make bench`) builds a fresh database, registers
 the fleet (COPY), drains readings for every device through the real projector from Kafka
 (state + history + connectivity) and, in the same run, COPYs the same rows into a plain
 table as the baseline. Then it starts `cityops api` as a process (projector off) and drives
 it open-loop at a fixed rate from this process: latency is measured from each request's
 scheduled time, so a slow server cannot hide queueing (no coordinated omission).
-`python -m cityops.api.bench [--quick]` prints the numbers as JSON.
+`python -m bench.api [--quick]` prints the numbers as JSON.
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""`cityops bench`: the benchmark harness that writes docs/benchmarks.md from measurements."""
