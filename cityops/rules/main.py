@@ -1,4 +1,4 @@
-"""`cityops rules`: the rules / ticketing service (issue 4).
+"""`cityops rules`: the rules / ticketing service.
 
 Reads `city.telemetry.v1` and `city.status.v1` as consumer group CITYOPS_RULES_GROUP, keeps
 tickets in PostgreSQL and publishes every transition to `city.tickets.v1`.
