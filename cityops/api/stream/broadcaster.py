@@ -35,6 +35,7 @@ from aiokafka.errors import KafkaError
 
 from cityops.api.metrics import ApiMetrics
 from cityops.common.kafka import KafkaAccess, kafka_consumer
+from cityops.common.memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,8 @@ class ResumeRefusedError(Exception):
         self.detail = detail
 
 
+RELEASE_AFTER_S = 2.0
+
 # A replay reads only its window: small fetches keep a burst of resumes from buffering
 # megabytes per consumer (aiokafka's defaults: 1 MiB per partition, 50 MiB per fetch).
 _REPLAY_FETCH = {"max_partition_fetch_bytes": 256 * 1024, "fetch_max_bytes": 4 * 1024 * 1024}
@@ -293,6 +296,7 @@ class Broadcaster:
         self._replays: dict[Subscription, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # every task until it has ended
         self._task: asyncio.Task[None] | None = None
+        self._release: asyncio.TimerHandle | None = None  # memory back once resumes are over
         self._positions: dict[TopicPartition, int] = {}  # where the shared feed has delivered
         self._districts: dict[str, str] = {}
         self._closed = False
@@ -318,6 +322,22 @@ class Broadcaster:
             districts=self._districts,
             on_skip=lambda topic_kind: skipped.labels(topic_kind).inc(),
         )
+
+    def _release_when_idle(self) -> None:
+        """Once no replay has run for `RELEASE_AFTER_S`, give their memory back (see
+        `release_memory`): a wave of resumes otherwise leaves RSS at its peak."""
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        if self._replays or self._closed:
+            return
+
+        def release() -> None:
+            self._release = None
+            if not self._replays:
+                release_memory()
+
+        self._release = asyncio.get_running_loop().call_later(RELEASE_AFTER_S, release)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
@@ -524,6 +544,7 @@ class Broadcaster:
             if self._replays.get(subscription) is asyncio.current_task():
                 del self._replays[subscription]
                 self._metrics.stream_resumes.set(len(self._replays))
+            self._release_when_idle()
 
     async def _replay_window(
         self,
@@ -587,6 +608,9 @@ class Broadcaster:
     async def close(self) -> None:
         """End every stream (shutdown): clients get end-of-stream, consumers stop."""
         self._closed = True
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
         for subscription in list(self._subscribers):
             _end(subscription)
             self.leave(subscription)
