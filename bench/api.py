@@ -535,6 +535,42 @@ async def _import(base: str, key: str, *, count: int) -> dict[str, float]:
     return {"import_devices": count, "import_s": round(elapsed, 2)}
 
 
+async def _import_health(base: str, key: str, *, rows: int) -> dict[str, float]:
+    """/healthz, probed every 20 ms while a `rows`-row import of refused rows is parsed: the
+    parsing must not hold the event loop (target: every probe under 100 ms)."""
+    body = b"".join(
+        b'{"device_id": "bad id %d", "kind": "wastebin", "district": "north"}\n' % n
+        for n in range(rows)
+    )
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-ndjson"}
+    latencies: list[float] = []
+    async with (
+        httpx.AsyncClient(base_url=base, headers=headers, timeout=300) as importer,
+        httpx.AsyncClient(base_url=base, timeout=30) as prober,
+    ):
+        await prober.get("/healthz")  # a warm keep-alive connection
+        started = time.perf_counter()
+        upload = asyncio.create_task(importer.post("/v1/devices:import", content=body))
+        while not upload.done():
+            sent = time.perf_counter()
+            if (await prober.get("/healthz")).status_code != 200:
+                raise RuntimeError("/healthz failed during the import")
+            latencies.append((time.perf_counter() - sent) * 1000)
+            await asyncio.sleep(0.02)
+        response = await upload
+        elapsed = time.perf_counter() - started
+    if response.status_code != 200 or response.json()["failed"] != rows:
+        raise RuntimeError(f"bad import: {response.status_code} {response.text[:300]}")
+    return {
+        "import_bad_rows": rows,
+        "import_bad_s": round(elapsed, 2),
+        "import_health_probes": len(latencies),
+        "import_health_p50_ms": round(_percentile(latencies, 50), 1),
+        "import_health_p99_ms": round(_percentile(latencies, 99), 1),
+        "import_health_max_ms": round(max(latencies, default=float("nan")), 1),
+    }
+
+
 async def run_api_bench(
     env: Mapping[str, str],
     *,
@@ -587,6 +623,7 @@ async def run_api_bench(
                     results["loadgen_full_gc_count"] = len(pauses)
                     results["loadgen_full_gc_max_ms"] = round(max(pauses, default=0.0), 1)
                     results.update(await _import(base, key, count=10_000))
+                    results.update(await _import_health(base, key, rows=100_000))
     finally:
         await _delete_topics(kafka, list(topics.values()))
     return results

@@ -47,6 +47,7 @@ class Suite:
     quick: Mapping[str, Any] = field(default_factory=dict)
     full: Mapping[str, Any] = field(default_factory=dict)
     repeated: bool = True
+    targets: Mapping[str, tuple[str, float]] = field(default_factory=dict)  # key -> (op, bound)
 
     def __post_init__(self) -> None:
         for sizes in (self.quick, self.full):
@@ -145,6 +146,7 @@ SUITES: tuple[Suite, ...] = (
         options={"quick": bool, "devices": int, "rate": float, "duration_s": float},
         quick={"quick": True},
         full={"quick": False},
+        targets={"import_health_max_ms": ("<=", 100.0)},
     ),
     Suite(
         "stack",
@@ -230,5 +232,8 @@ async def run_suite(
             status="failed" if not results else "ok",
             detail="; ".join(errors)[:1000],
             notes=[*notes, *(f"- {e}" for e in errors)],
+            targets=suite.targets,
         )
-    return SuiteResult(suite.name, suite.title, suite.source, runs=results, notes=notes)
+    return SuiteResult(
+        suite.name, suite.title, suite.source, runs=results, notes=notes, targets=suite.targets
+    )
