@@ -7,7 +7,6 @@ flight, flush Kafka, close the pool, and log one summary line.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import functools
@@ -37,8 +36,8 @@ from cityops.api.settings import ApiSettings
 from cityops.api.stream.broadcaster import Broadcaster
 from cityops.common.city_metrics import run_city_metrics
 from cityops.common.kafka import KafkaAccess, ensure_topics, kafka_producer
-from cityops.common.logs import configure_logging
 from cityops.common.ops import TaskSupervisor, stop_on_signals
+from cityops.common.service import ServiceParser, entry_point, load_settings, start_logging
 from cityops.common.setaside import SetAside
 from cityops.common.topics import DEADLETTER_TOPIC_CONFIG
 
@@ -406,18 +405,13 @@ async def serve(settings: ApiSettings) -> int:
     return supervisor.exit_code
 
 
+@entry_point("cityops api")
 def main(argv: list[str]) -> int:
     """`cityops api`: serve the HTTP API and run the projector."""
-    parser = argparse.ArgumentParser(prog="cityops api", description=__doc__)
+    parser = ServiceParser(prog="cityops api", description=__doc__)
     parser.parse_args(argv)
-    settings = ApiSettings()  # fields come from the environment
-    configure_logging(
-        service="api",
-        instance_id=settings.instance_id,
-        level=settings.log_level,
-        fmt=settings.log_format,
-        repeat_interval_s=settings.log_repeat_interval_s,
-    )
+    settings = load_settings(ApiSettings)
+    start_logging("api", settings)
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up, absent on some platforms
     except ImportError:

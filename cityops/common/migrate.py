@@ -6,7 +6,6 @@ several replicas at once (an advisory lock serialises them).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import logging
@@ -16,7 +15,7 @@ from importlib import resources
 import asyncpg
 from pydantic import SecretStr
 
-from cityops.common.logs import configure_logging
+from cityops.common.service import ServiceParser, entry_point, load_settings, start_logging
 from cityops.common.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
@@ -132,15 +131,11 @@ async def _run(settings: MigrateSettings) -> int:
     return 0
 
 
+@entry_point("cityops migrate")
 def main(argv: list[str]) -> int:
     """`cityops migrate`: apply pending migrations to CITYOPS_DATABASE_URL."""
-    parser = argparse.ArgumentParser(prog="cityops migrate", description=__doc__)
+    parser = ServiceParser(prog="cityops migrate", description=__doc__)
     parser.parse_args(argv)
-    settings = MigrateSettings()  # fields come from the environment
-    configure_logging(
-        service="migrate",
-        instance_id=settings.instance_id,
-        level=settings.log_level,
-        fmt=settings.log_format,
-    )
+    settings = load_settings(MigrateSettings)
+    start_logging("migrate", settings)
     return asyncio.run(_run(settings))

@@ -22,9 +22,9 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry
 
 from cityops.common.kafka import KafkaAccess, ensure_topics
-from cityops.common.logs import configure_logging
 from cityops.common.mqtt_sessions import purge_session
 from cityops.common.ops import serve_ops, stop_on_signals
+from cityops.common.service import ServiceParser, entry_point, load_settings, start_logging
 from cityops.common.topics import DEADLETTER_TOPIC_CONFIG
 from cityops.ingest.deadletters import RejectBudget
 from cityops.ingest.kafka_sink import KafkaSink
@@ -265,9 +265,10 @@ def _client_id(value: str) -> str:
     return value
 
 
+@entry_point("cityops ingest")
 def main(argv: list[str]) -> int:
     """Entry point of `cityops ingest`."""
-    parser = argparse.ArgumentParser(
+    parser = ServiceParser(
         prog="cityops ingest",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -289,14 +290,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.client_id is not None and not args.purge_session:
         parser.error("--client-id only goes with --purge-session")
-    settings = IngestSettings()  # fields come from the environment
-    configure_logging(
-        service="ingest",
-        instance_id=settings.instance_id,
-        level=settings.log_level,
-        fmt=settings.log_format,
-        repeat_interval_s=settings.log_repeat_interval_s,
-    )
+    settings = load_settings(IngestSettings)
+    start_logging("ingest", settings)
     if args.purge_session:
         return end_session(settings, client_id=args.client_id or settings.ingest_client_id)
     asyncio.run(run(settings))

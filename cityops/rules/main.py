@@ -6,18 +6,15 @@ tickets in PostgreSQL and publishes every transition to `city.tickets.v1`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from pathlib import Path
 
 import asyncpg
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from prometheus_client import CollectorRegistry
-from pydantic import ValidationError
 
 from cityops.common.kafka import (
     KafkaAccess,
@@ -26,8 +23,14 @@ from cityops.common.kafka import (
     kafka_consumer,
     kafka_producer,
 )
-from cityops.common.logs import configure_logging
 from cityops.common.ops import serve_ops, stop_on_signals
+from cityops.common.service import (
+    ConfigError,
+    ServiceParser,
+    entry_point,
+    load_settings,
+    start_logging,
+)
 from cityops.common.setaside import SetAside
 from cityops.rules.config import RuleFileError, RuleSet, load_rules
 from cityops.rules.consumer import RulesWorker
@@ -189,9 +192,10 @@ async def _main(settings: RulesSettings, ruleset: RuleSet) -> int:
     return await run(settings, ruleset, stop=stop)
 
 
+@entry_point("cityops rules")
 def main(argv: list[str]) -> int:
     """Entry point of `cityops rules`."""
-    parser = argparse.ArgumentParser(prog="cityops rules", description=__doc__)
+    parser = ServiceParser(prog="cityops rules", description=__doc__)
     parser.add_argument(
         "--check",
         nargs="?",
@@ -204,26 +208,13 @@ def main(argv: list[str]) -> int:
         try:
             checked = load_rules(Path(args.check) if args.check else None)
         except RuleFileError as exc:
-            print(f"cityops rules: {exc}", file=sys.stderr)
-            return 2
+            raise ConfigError(str(exc)) from None
         print(f"{checked.source}: {len(checked.rules)} rules OK")
         return 0
-    try:
-        settings = RulesSettings()  # fields come from the environment
-    except ValidationError as exc:
-        print(f"cityops rules: bad settings:\n{exc}", file=sys.stderr)
-        return 2
-    configure_logging(
-        service="rules",
-        instance_id=settings.instance_id,
-        level=settings.log_level,
-        fmt=settings.log_format,
-        repeat_interval_s=settings.log_repeat_interval_s,
-    )
+    settings = load_settings(RulesSettings)
     try:
         ruleset = load_rules(settings.rules_file)
     except RuleFileError as exc:
-        log.error("bad rule file: %s", exc)  # noqa: TRY400 - the message is the whole story
-        print(f"cityops rules: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"CITYOPS_RULES_FILE: {exc}") from None
+    start_logging("rules", settings)
     return asyncio.run(_main(settings, ruleset))

@@ -21,12 +21,17 @@ from datetime import UTC, datetime
 import httpx
 from asyncpg import PostgresError
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from pydantic import ValidationError
 
 from cityops.api.devices.credentials import BrokerFiles
 from cityops.common.kinds import RejectReason
-from cityops.common.logs import configure_logging
 from cityops.common.ops import serve_ops, stop_on_signals
+from cityops.common.service import (
+    ConfigError,
+    ServiceParser,
+    entry_point,
+    load_settings,
+    start_logging,
+)
 from cityops.common.topics import status_topic
 from cityops.simulator.city import DEFAULT_PLACE, PLACES, City, Place, build_city
 from cityops.simulator.faults import (
@@ -139,7 +144,7 @@ def _centre(text: str) -> tuple[float, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `cityops simulate` command line."""
-    parser = argparse.ArgumentParser(prog="cityops simulate", description=__doc__.split("\n")[0])
+    parser = ServiceParser(prog="cityops simulate", description=__doc__.split("\n")[0])
     city = parser.add_argument_group("city")
     city.add_argument("--devices-per-kind", type=int, default=50)
     city.add_argument("--districts", type=int, default=9)
@@ -610,32 +615,16 @@ async def _main(settings: SimulatorSettings, options: RunOptions, *, provision_o
     return 0 if summary.stats.errors == 0 or options.faults else 1
 
 
-def settings_problems(exc: ValidationError) -> str:
-    """`CITYOPS_X: what is wrong` for each invalid or missing setting."""
-    return "; ".join(
-        f"CITYOPS_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
-        for error in exc.errors(include_url=False, include_input=False)
-    )
-
-
+@entry_point("cityops simulate")
 def main(argv: list[str]) -> int:
     """Entry point of `cityops simulate`."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    settings = load_settings(SimulatorSettings)
     try:
-        settings = SimulatorSettings()  # values come from CITYOPS_* variables
         options = options_from_args(args, settings.place())
-    except ValidationError as exc:
-        parser.error(settings_problems(exc))
     except (ValueError, FaultSpecError) as exc:
-        parser.error(str(exc))
-    configure_logging(
-        service="simulator",
-        instance_id=settings.instance_id,
-        level=settings.log_level,
-        fmt=settings.log_format,
-        repeat_interval_s=settings.log_repeat_interval_s,
-    )
+        raise ConfigError(str(exc)) from None
+    start_logging("simulator", settings)
     try:
         return asyncio.run(_main(settings, options, provision_only=args.provision_only))
     except (ProvisionError, MqttConnectError, OSError, PostgresError, httpx.HTTPError) as exc:
