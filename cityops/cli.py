@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "api": ("cityops.api.main", "run the HTTP API and its read-model projector"),
     "simulate": ("cityops.simulator.main", "run a simulated fleet of city devices"),
     "migrate": ("cityops.common.migrate", "apply database migrations"),
+    "kinds": ("cityops.kinds.main", "list the configured device kinds, or --check kind files"),
     "stack": ("cityops.stack.main", "install, start, stop the native infrastructure stack"),
 }
 

@@ -40,6 +40,7 @@ from cityops.common.ops import TaskSupervisor, stop_on_signals
 from cityops.common.service import ServiceParser, entry_point, load_settings, start_logging
 from cityops.common.setaside import SetAside
 from cityops.common.topics import DEADLETTER_TOPIC_CONFIG
+from cityops.kinds.startup import load_configured_kinds
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +411,7 @@ def main(argv: list[str]) -> int:
     """`cityops api`: serve the HTTP API and run the projector."""
     parser = ServiceParser(prog="cityops api", description=__doc__)
     parser.parse_args(argv)
+    load_configured_kinds()  # a bad kind file: one line, exit 2
     settings = load_settings(ApiSettings)
     start_logging("api", settings)
     try:

@@ -36,8 +36,8 @@ TiltDeg = Annotated[float, Field(ge=0, le=180)]
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
-class _ReadingBase(BaseModel):
-    """Fields every reading carries."""
+class ReadingBase(BaseModel):
+    """Fields every reading carries; each kind's model narrows `kind` to its name."""
 
     model_config = _STRICT
 
@@ -48,9 +48,11 @@ class _ReadingBase(BaseModel):
     seq: int = Field(ge=0, le=2**63 - 1, description="Per-device counter, +1 per reading.")
     battery_pct: Percent | None = None
     rssi_dbm: Annotated[float, Field(ge=-150, le=0)] | None = None
+    # Declared here, after the common fields, so a kind's override keeps today's field order.
+    kind: str
 
 
-class StreetlightReading(_ReadingBase):
+class StreetlightReading(ReadingBase):
     """A street light's reading."""
 
     kind: Literal["streetlight"]
@@ -61,7 +63,7 @@ class StreetlightReading(_ReadingBase):
     fault: Literal["none", "lamp_failure", "driver_fault", "power_loss"] | None = None
 
 
-class ManholeReading(_ReadingBase):
+class ManholeReading(ReadingBase):
     """A manhole cover's reading."""
 
     kind: Literal["manhole"]
@@ -71,7 +73,7 @@ class ManholeReading(_ReadingBase):
     gas_ppm: NonNegative | None = None
 
 
-class WastebinReading(_ReadingBase):
+class WastebinReading(ReadingBase):
     """A waste bin's reading."""
 
     kind: Literal["wastebin"]
@@ -81,7 +83,7 @@ class WastebinReading(_ReadingBase):
     tilt_deg: TiltDeg | None = None
 
 
-class ParkingReading(_ReadingBase):
+class ParkingReading(ReadingBase):
     """A parking spot's reading."""
 
     kind: Literal["parking"]

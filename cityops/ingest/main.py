@@ -37,6 +37,7 @@ from cityops.ingest.registry_follow import DevicesFollower
 from cityops.ingest.registry_lookup import DatabaseLookup, MissResolver
 from cityops.ingest.settings import IngestSettings
 from cityops.ingest.validate import OutputTopics, Validator
+from cityops.kinds.startup import load_configured_kinds
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,7 @@ def main(argv: list[str]) -> int:
         "CITYOPS_INGEST_CLIENT_ID or ingest-<host name>-<CITYOPS_INGEST_REPLICA_INDEX>)",
     )
     args = parser.parse_args(argv)
+    load_configured_kinds()  # a bad kind file: one line, exit 2
     if args.client_id is not None and not args.purge_session:
         parser.error("--client-id only goes with --purge-session")
     settings = load_settings(IngestSettings)

@@ -32,6 +32,7 @@ from cityops.common.service import (
     start_logging,
 )
 from cityops.common.setaside import SetAside
+from cityops.kinds.startup import load_configured_kinds
 from cityops.rules.config import RuleFileError, RuleSet, load_rules
 from cityops.rules.consumer import RulesWorker
 from cityops.rules.metrics import create_metrics
@@ -204,6 +205,7 @@ def main(argv: list[str]) -> int:
         help="validate a rule file (default: the shipped one) and exit: 0 valid, 2 invalid",
     )
     args = parser.parse_args(argv)
+    load_configured_kinds()  # a bad kind file: one line, exit 2
     if args.check is not None:
         try:
             checked = load_rules(Path(args.check) if args.check else None)

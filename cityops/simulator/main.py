@@ -33,6 +33,7 @@ from cityops.common.service import (
     start_logging,
 )
 from cityops.common.topics import status_topic
+from cityops.kinds.startup import load_configured_kinds
 from cityops.simulator.city import DEFAULT_PLACE, PLACES, City, Place, build_city
 from cityops.simulator.faults import (
     DEFAULT_RATE_LIMIT_BURST,
@@ -620,6 +621,7 @@ def main(argv: list[str]) -> int:
     """Entry point of `cityops simulate`."""
     args = build_parser().parse_args(argv)
     settings = load_settings(SimulatorSettings)
+    load_configured_kinds()  # a bad kind file: one line, exit 2
     try:
         options = options_from_args(args, settings.place())
     except (ValueError, FaultSpecError) as exc:
