@@ -235,3 +235,55 @@ def test_every_service_refuses_a_bad_kind_file_at_start(tmp_path: Path, service:
     assert len(lines) == 1, done.stderr
     assert f"cityops {service}: bad kind file: " in lines[0]
     assert "key 'name' given twice" in lines[0]
+
+
+EXTRAS = """\
+kpis:
+  - {id: busy_share, title: Beacons busy, measure: share, unit: "%", where: mode == busy}
+  - {id: level, title: Mean level, measure: mean, field: level_pct}
+dashboard:
+  panels:
+    - {title: Level, type: timeseries, fields: [level_pct]}
+    - {title: Busy, type: stat, kpi: busy_share}
+"""
+GENERIC_SIMULATOR = """\
+  behaviour: generic
+  fields:
+    level_pct: {mean: 40, spread: 5, daily: {amplitude: 10, peaks_h: [8, 18]}}
+    mode: {weights: {idle: 3, busy: 1}}
+"""
+
+
+def test_kpis_dashboard_and_simulator_parameters_are_read(tmp_path: Path) -> None:
+    write(tmp_path, GOOD + GENERIC_SIMULATOR + EXTRAS)
+    spec = load_kinds(tmp_path).spec("beacon")
+    assert [k.id for k in spec.kpis] == ["busy_share", "level"]
+    assert str(spec.kpis[0].where[0]) == "mode == busy"
+    assert spec.kpis[1].field == "level_pct"
+    assert [p.kpi for p in spec.panels] == [None, "busy_share"]
+    level = spec.simulator.fields["level_pct"]
+    assert (level.mean, level.daily_amplitude, level.daily_peaks_h) == (40.0, 10.0, (8.0, 18.0))
+    assert spec.simulator.fields["mode"].weights == {"idle": 3.0, "busy": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (("where: mode == busy", "where: mood == busy"), "unknown field 'mood'"),
+        (("where: mode == busy", "where: mode == asleep"), "'asleep' is not one of"),
+        (("field: level_pct}", "field: mode}"), "is not a number of this kind"),
+        (("kpi: busy_share", "kpi: nothing"), "'nothing' is not a KPI of this kind"),
+        (("type: timeseries", "type: pie"), "dashboard.panels[0].type"),
+        (("mean: 40", "mean: 140"), "outside the field's range"),
+        (("peaks_h: [8, 18]", "peaks_h: [8, 25]"), "hours 0 to 24"),
+        (("idle: 3", "asleep: 3"), "'asleep' is not one of"),
+    ],
+)
+def test_kpi_dashboard_and_simulator_errors(
+    tmp_path: Path, change: tuple[str, str], words: str
+) -> None:
+    text = GOOD + GENERIC_SIMULATOR + EXTRAS
+    assert change[0] in text
+    error = refusal(tmp_path, text.replace(*change, 1))
+    assert error.kind == "beacon"
+    assert words in str(error)
