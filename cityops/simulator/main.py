@@ -620,8 +620,8 @@ async def _main(settings: SimulatorSettings, options: RunOptions, *, provision_o
 def main(argv: list[str]) -> int:
     """Entry point of `cityops simulate`."""
     args = build_parser().parse_args(argv)
-    settings = load_settings(SimulatorSettings)
     load_configured_kinds()  # a bad kind file: one line, exit 2
+    settings = load_settings(SimulatorSettings)
     try:
         options = options_from_args(args, settings.place())
     except (ValueError, FaultSpecError) as exc:

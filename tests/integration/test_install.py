@@ -58,6 +58,12 @@ def test_rules_check_uses_the_rules_shipped_in_the_package(installed: Path) -> N
     assert "rules OK" in result.stdout
 
 
+def test_kinds_check_uses_the_kinds_shipped_in_the_package(installed: Path) -> None:
+    result = _run(installed, "kinds", "--check", cwd=installed.parent)
+    assert result.returncode == 0, result.stderr
+    assert "site-packages/cityops/kinds/shipped: 4 kinds OK" in result.stdout
+
+
 def test_ingest_help_runs_from_the_installed_package(installed: Path) -> None:
     result = _run(installed, "ingest", "--help", cwd=installed.parent)
     assert result.returncode == 0, result.stderr

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from cityops.common.service import ConfigError
 from cityops.kinds.catalog import load_kinds, shipped_kinds, shipped_kinds_dir
 from cityops.kinds.main import main as kinds_main
 from cityops.kinds.spec import KindFileError
-from cityops.common.service import ConfigError
 from cityops.kinds.startup import load_configured_kinds
 
 REPO = Path(__file__).resolve().parents[2]
